@@ -1,0 +1,146 @@
+"""The post-train flow: a recipe becomes a DAG of cached Prefect tasks.
+
+    fetch ─► evaluate ─► sft ─► evaluate ─► … (later: reward_model, grpo/ppo/dpo, sample, filter, refine)
+
+Each stage's cache key = hash(stage, resolved config, input digests, stage code version); Prefect
+persists the stage's small result (output refs) under `<state>/results`, so a rerun in any process
+that shares the state dir takes finished stages as cache hits, and a killed training stage finds its
+work dir (named by the same key) and resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from data_contracts.artifacts import ArtifactRef
+from flows.state import configure_state_dir
+from models.config import RecipeConfig, load_recipe, resolved
+from tasks.cache import git_code_version, stage_cache_key, stage_code_version
+from tasks.common import RunContext, StageResult, default_tracking_uri, record_cache_hit, state_paths, tracker_for
+from tasks.data import resolve_problems, resolve_sft_dataset
+from tasks.evaluate import evaluate_checkpoint
+from tasks.fetch import fetch_base
+from tasks.progress import reporter
+from tasks.train import train_stage
+from tasks import evaluate as evaluate_mod
+from tasks import fetch as fetch_mod
+from tasks import train as train_mod
+
+
+def _cache_key_fn(context, parameters: dict) -> str:
+    return parameters["cache_key"]
+
+
+def _cached(task_fn, results_dir: Path, retries: int):
+    return task_fn.with_options(
+        cache_key_fn=_cache_key_fn, persist_result=True, result_storage=Path(results_dir),
+        retries=retries, retry_delay_seconds=5,
+    )
+
+
+def _call(task_fn, kwargs: dict, ctx: RunContext, config_for_run: dict, inputs: dict[str, ArtifactRef],
+          run_name: str | None = None) -> tuple[StageResult, bool, float]:
+    """Run a cached task; a cache hit whose output vanished from disk is recomputed."""
+    t0 = time.perf_counter()
+    state = task_fn(**kwargs, return_state=True)
+    result: StageResult = state.result()  # raises the stage's error when it failed
+    cached = state.name == "Cached"
+    if cached and not result.output.verify():
+        state = task_fn.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        result, cached = state.result(), False
+    wall = time.perf_counter() - t0
+    if cached:
+        run_id = record_cache_hit(ctx, result, inputs, config_for_run, wall, run_name)
+        result = result.model_copy(update={"mlflow_run_id": run_id})
+    reporter().stage_finished(kwargs.get("stage") or run_name or "", cached, wall)
+    return result, cached, wall
+
+
+@flow(name="post-train", log_prints=True)
+def post_train(
+    recipe: str = "r1",
+    overrides: list[str] | None = None,
+    smoke: bool = False,
+    state_dir: str = ".posttrain",
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Run a recipe end to end; returns the run summary (what `--summary-json` writes)."""
+    from prefect.runtime import flow_run
+
+    cfg: RecipeConfig = load_recipe(recipe, overrides or [], smoke=smoke)
+    paths = state_paths(configure_state_dir(state_dir))
+    ctx = RunContext(
+        state_dir=str(paths["root"]), tracking_uri=tracking_uri or default_tracking_uri(paths["root"]),
+        experiment=cfg.tracking.experiment, code_version=git_code_version(), recipe=cfg.name,
+    )
+    tracker = tracker_for(ctx)
+    flow_run_id = str(flow_run.id or "")
+    parent = tracker.start_run(
+        f"{cfg.name}{'-smoke' if smoke else ''}", params={"recipe": cfg.name, "smoke": smoke, **resolved(cfg)},
+        tags={"posttrain.recipe": cfg.name, "posttrain.smoke": str(smoke).lower(), "posttrain.kind": "flow",
+              "posttrain.prefect_flow_run_id": flow_run_id, "posttrain.code_version": ctx.code_version,
+              "posttrain.overrides": " ".join(overrides or [])},
+    )
+    ctx = ctx.model_copy(update={"parent_run_id": parent})
+    try:
+        summary = _run_stages(cfg, ctx, paths)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent, recipe=cfg.name, smoke=smoke,
+                   tracking_errors=len(tracker.errors))
+    tracker.log_json(parent, summary, "summary.json")
+    tracker.end_run(parent, "FINISHED")
+    return summary
+
+
+def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> dict[str, Any]:
+    task_cfg = resolved(cfg.task)
+    # Every dataset is resolved and validated before any stage trains.
+    problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"])
+    datasets = {s: resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)
+                for s in cfg.stages if s == "sft"}
+
+    results, rows = {}, []
+    eval_cfg = resolved(cfg.evaluate)
+    fetch_task = _cached(fetch_base, paths["results"], cfg.retries)
+    train_task = _cached(train_stage, paths["results"], cfg.retries)
+    eval_task = _cached(evaluate_checkpoint, paths["results"], cfg.retries)
+
+    model_ref: ArtifactRef | None = None
+    for stage in cfg.stages:
+        stage_cfg = resolved(cfg.stage_config(stage))
+        if stage == "fetch":
+            inputs: dict[str, ArtifactRef] = {}
+            key_cfg = {"fetch": stage_cfg, "task": task_cfg if stage_cfg["uri"] == "builtin:tiny" else None}
+            key = stage_cache_key(stage, key_cfg, inputs, stage_code_version(fetch_mod.__file__))
+            res, cached, wall = _call(fetch_task, dict(stage=stage, cache_key=key, config=stage_cfg,
+                                                       task_config=task_cfg, inputs=inputs, ctx=ctx),
+                                      ctx, stage_cfg, inputs)
+        else:
+            inputs = {"model": model_ref, "dataset": datasets[stage]}
+            key = stage_cache_key(stage, stage_cfg, inputs, stage_code_version(train_mod.__file__))
+            res, cached, wall = _call(train_task, dict(stage=stage, kind=stage, cache_key=key, config=stage_cfg,
+                                                       inputs=inputs, ctx=ctx), ctx, stage_cfg, inputs)
+        model_ref = res.output
+        results[stage] = res
+        ev, ev_cached, ev_wall = _evaluate(eval_task, stage, model_ref, problems, eval_cfg, ctx)
+        rows.append({
+            "stage": stage, "cached": cached and ev_cached, "wall_seconds": round(wall + ev_wall, 3),
+            "mlflow_run_id": res.mlflow_run_id, "output": {"path": res.output.path, "digest": res.output.digest},
+            "metrics": ev.metrics, "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step,
+            "eval_mlflow_run_id": ev.mlflow_run_id, "cache_key": res.cache_key,
+        })
+    return {"stages": rows, "final_model": rows[-1]["output"]}
+
+
+def _evaluate(eval_task, of_stage: str, model_ref: ArtifactRef, problems: ArtifactRef, eval_cfg: dict,
+              ctx: RunContext):
+    inputs = {"model": model_ref, "problems": problems}
+    key = stage_cache_key("evaluate", eval_cfg, inputs, stage_code_version(evaluate_mod.__file__))
+    return _call(eval_task, dict(of_stage=of_stage, cache_key=key, config=eval_cfg, inputs=inputs, ctx=ctx),
+                 ctx, eval_cfg, inputs, run_name=f"evaluate-{of_stage}")

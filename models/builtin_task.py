@@ -1,0 +1,221 @@
+"""The built-in verifiable reasoning task: left-to-right arithmetic chains of single digits.
+
+A problem is an expression such as ``4-0+2-7``. The SFT solution works it out one step per line
+inside ``<think>…</think>`` and puts the integer result in ``<answer>…</answer>``; the verifier
+compares that integer with the reference. Everything here is a pure function of a seed and strings:
+no I/O, no Prefect, no MLflow.
+
+What this module does not do: tokenize, pack documents into sequences, or write files.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+TASK_VERSION = "1"
+
+PROMPT_TEMPLATE = "Q: {question}\nA:"
+"""The prompt every stage (SFT, RL, sampling, eval) puts before the completion."""
+
+STOP_STRINGS = ("</answer>",)
+
+_OPS = "+-"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance. ``solution`` is the SFT completion that follows ``prompt``."""
+
+    id: str
+    question: str
+    prompt: str
+    answer: str
+    solution: str
+
+
+def _steps(question: str) -> list[tuple[int, str, int, int]]:
+    """(left, op, digit, result) for each step of ``question``, evaluated left to right."""
+    acc = int(question[0])
+    steps = []
+    for i in range(1, len(question), 2):
+        op, digit = question[i], int(question[i + 1])
+        result = acc + digit if op == "+" else acc - digit
+        steps.append((acc, op, digit, result))
+        acc = result
+    return steps
+
+
+def evaluate(question: str) -> int:
+    """The value of a chain such as ``4-0+2-7`` (= -1)."""
+    steps = _steps(question)
+    return steps[-1][3] if steps else int(question)
+
+
+def solution_for(question: str) -> str:
+    """The SFT completion: ``<think>4-0=4\\n4+2=6\\n6-7=-1</think><answer>-1</answer>``."""
+    lines = [f"{a}{op}{d}={r}" for a, op, d, r in _steps(question)]
+    return "<think>" + "\n".join(lines) + f"</think><answer>{evaluate(question)}</answer>"
+
+
+def worked_text(question: str) -> str:
+    """A free-form worked solution in another style than SFT's, for the pretraining mix.
+
+    ``4-0+2-7`` -> ``4-0 is 4, 4+2 is 6, 6-7 is -1, so the result is -1.``
+    """
+    parts = [f"{a}{op}{d} is {r}" for a, op, d, r in _steps(question)]
+    return ", ".join(parts) + f", so the result is {evaluate(question)}."
+
+
+def make_problem(pid: str, question: str) -> Problem:
+    return Problem(
+        id=pid,
+        question=question,
+        prompt=PROMPT_TEMPLATE.format(question=question),
+        answer=str(evaluate(question)),
+        solution=solution_for(question),
+    )
+
+
+def _random_question(rng: random.Random, min_operands: int, max_operands: int) -> str:
+    n = rng.randint(min_operands, max_operands)
+    out = [str(rng.randrange(10))]
+    for _ in range(n - 1):
+        out.append(rng.choice(_OPS))
+        out.append(str(rng.randrange(10)))
+    return "".join(out)
+
+
+def _check_range(min_operands: int, max_operands: int) -> None:
+    if not 2 <= min_operands <= max_operands:
+        raise ValueError(f"need 2 <= min_operands <= max_operands, got {min_operands}, {max_operands}")
+
+
+def _n_questions(min_operands: int, max_operands: int) -> int:
+    # k digits and k-1 operators: 10**k * 2**(k-1) distinct chains of k operands
+    return sum(10**k * 2 ** (k - 1) for k in range(min_operands, max_operands + 1))
+
+
+def _unique_questions(
+    rng: random.Random, n: int, exclude: set[str], min_operands: int, max_operands: int
+) -> list[str]:
+    available = _n_questions(min_operands, max_operands) - len(exclude)
+    if n > available:
+        raise ValueError(f"asked for {n} distinct questions but only {available} exist")
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < n:
+        q = _random_question(rng, min_operands, max_operands)
+        if q not in seen and q not in exclude:
+            seen.add(q)
+            out.append(q)
+    return out
+
+
+def make_problems(
+    seed: int, n_train: int, n_test: int, min_operands: int = 3, max_operands: int = 6
+) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic (train, test) splits for ``seed``, disjoint by question.
+
+    The test split comes from its own random stream, drawn first, so it depends on the seed (and the
+    operand range) alone: growing ``n_train`` never changes which problems are held out.
+    """
+    _check_range(min_operands, max_operands)
+    test_rng = random.Random(f"builtin-task/{seed}/test")
+    train_rng = random.Random(f"builtin-task/{seed}/train")
+    test_q = _unique_questions(test_rng, n_test, set(), min_operands, max_operands)
+    train_q = _unique_questions(train_rng, n_train, set(test_q), min_operands, max_operands)
+    test = [make_problem(f"test-{i:05d}", q) for i, q in enumerate(test_q)]
+    train = [make_problem(f"train-{i:05d}", q) for i, q in enumerate(train_q)]
+    return train, test
+
+
+def pretrain_corpus(
+    seed: int,
+    n_docs: int,
+    exclude_questions: set[str],
+    worked_fraction: float = 0.05,
+    min_operands: int = 3,
+    max_operands: int = 6,
+) -> list[str]:
+    """Pretraining documents: mostly ``4-0+2-7=-1`` lines, ``worked_fraction`` of them worked out
+    in prose (see ``worked_text``). Never in the SFT format, never an excluded (test) question.
+
+    Questions may repeat across documents, as they would in web text.
+    """
+    _check_range(min_operands, max_operands)
+    if not 0.0 <= worked_fraction <= 1.0:
+        raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
+    if _n_questions(min_operands, max_operands) <= len(exclude_questions):
+        raise ValueError("every question is excluded; nothing to pretrain on")
+    rng = random.Random(f"builtin-task/{seed}/pretrain")
+    docs: list[str] = []
+    while len(docs) < n_docs:
+        q = _random_question(rng, min_operands, max_operands)
+        if q in exclude_questions:
+            continue
+        if rng.random() < worked_fraction:
+            docs.append(worked_text(q))
+        else:
+            docs.append(f"{q}={evaluate(q)}")
+    return docs
+
+
+# --- verifier ---------------------------------------------------------------------------------
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-"})
+
+
+def parse_int(text: str) -> int | None:
+    """``" - 7 "`` -> -7, ``"+3"`` -> 3, ``"\u22127"`` (unicode minus) -> -7; anything else None."""
+    if not isinstance(text, str):
+        return None
+    s = "".join(text.translate(_MINUS_SIGNS).split())
+    if not _INT_RE.fullmatch(s):
+        return None
+    try:
+        return int(s)
+    except ValueError:  # more digits than int() accepts from a string
+        return None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The integer in ``<answer>…</answer>``, normalised (``"-7"``), or None.
+
+    None when there is no closed answer block, its content is not an integer, several blocks
+    disagree (hedging is not rewarded), or an ``<answer>`` is left open after the last block
+    (a truncated completion).
+    """
+    if isinstance(completion, bytes):
+        completion = completion.decode("utf-8", errors="replace")
+    if not isinstance(completion, str):
+        return None
+    blocks = _ANSWER_RE.findall(completion)
+    if not blocks:
+        return None
+    tail = completion[completion.rfind("</answer>") + len("</answer>") :]
+    if "<answer>" in tail:
+        return None
+    values = {parse_int(b) for b in blocks}
+    if len(values) != 1 or None in values:
+        return None
+    return str(values.pop())
+
+
+def verify(prompt: str, completion: str, reference: str) -> float | None:
+    """1.0 if the completion's answer equals ``reference`` as an integer, else 0.0.
+
+    None only when ``reference`` is not an integer (the sample cannot be judged). Never raises on
+    whatever the completion contains. ``prompt`` is unused: the signature is the shared reward one.
+    """
+    ref = parse_int(reference) if isinstance(reference, str) else None
+    if ref is None:
+        if isinstance(reference, int) and not isinstance(reference, bool):
+            ref = reference
+        else:
+            return None
+    got = extract_answer(completion)
+    return 1.0 if got is not None and int(got) == ref else 0.0

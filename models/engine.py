@@ -1,0 +1,284 @@
+"""The one training loop: every stage that trains (pretrain, SFT, reward model, DPO, GRPO, PPO) runs here.
+
+The algorithm supplies the global batch for a step and a function that turns one micro-batch into a
+loss; this loop owns the DeepSpeed engine: `engine.backward`, `engine.step`, checkpoints every N
+steps, resume from the newest checkpoint (checking that the step counter and the data position
+continue), per-step metrics, and consolidation of the final weights into a Hugging Face directory.
+
+Batch layout (what makes world sizes and accumulation interchangeable): the global batch of a step
+is a list of `batch_size` items; micro-step m on rank r takes chunk `m * world_size + r` of size
+`micro_batch_size`. One process with accumulation 2 and two processes with accumulation 1 see the
+same chunks and so compute the same gradient.
+
+Loss convention: `step_fn` returns (loss_for_backward, metrics). DeepSpeed divides by the
+accumulation steps and averages gradients over ranks, so a step_fn that wants the exact gradient of a
+*global* quantity (e.g. the token mean over the whole global batch) returns
+`contribution * ctx.loss_scale`, where `contribution` is its chunk's share of the global value.
+Metrics are such additive contributions too: the loop sums them over micro-steps and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.config import TrainConfig, deepspeed_config
+
+
+@dataclass
+class StepContext:
+    step: int
+    micro_step: int
+    rank: int
+    world_size: int
+    grad_accum: int
+    global_batch: list
+    loss_scale: float  # grad_accum * world_size (undoes DeepSpeed's averaging)
+
+
+@dataclass
+class LoopResult:
+    output_dir: str
+    final_step: int
+    resumed_from_step: int | None
+    metrics_path: str
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    already_done: bool = False
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that does not continue where its run left off."""
+
+
+# ----------------------------------------------------------------------------- distributed set-up
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed_env(ops_cache: str | os.PathLike | None = None) -> None:
+    """Make a bare process look like rank 0 of 1 (DeepSpeed otherwise looks for mpi4py)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if ops_cache is not None:
+        # DeepSpeed JIT-compiles its shm_comm op at init (~25-40 s); cache it per machine/state dir.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_cache))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up then cosine to min_lr_ratio (nanoGPT's schedule) or constant."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tag(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def latest_checkpoint_step(ckpt_dir: Path) -> int | None:
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    return int(tag.removeprefix("step")) if tag.startswith("step") else None
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    current = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+    # Keep the newest `keep` tags; a partially written newer tag (a save killed midway) is also
+    # dropped because `latest` never pointed at it.
+    keep_tags = {p.name for p in tags if current and p.name <= current}
+    keep_tags = set(sorted(keep_tags)[-keep:])
+    for p in tags:
+        if p.name not in keep_tags:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_loop(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    workdir: str | os.PathLike,
+    global_batch: Callable[[int], list],
+    step_fn: Callable[[Any, list, StepContext], tuple[torch.Tensor, dict[str, float]]],
+    save_model: Callable[[torch.nn.Module, Path], None],
+    *,
+    on_log: Callable[[dict], None] | None = None,
+    after_step: Callable[[Any, int], None] | None = None,
+    params: list | None = None,
+) -> LoopResult:
+    """Train `model` for cfg.max_steps optimizer steps, resuming from workdir/checkpoints.
+
+    global_batch(step) must be a pure function of the step (that is what makes resume exact).
+    save_model(module, dir) writes the consolidated Hugging Face directory (called on rank 0 with
+    full parameters). Returns where the consolidated output lies.
+    """
+    import deepspeed
+
+    workdir = Path(workdir)
+    out_dir = workdir / "output"
+    metrics_path = workdir / "metrics.jsonl"
+    if (out_dir / ".complete").exists():
+        return LoopResult(str(out_dir), cfg.max_steps, None, str(metrics_path), already_done=True)
+
+    ensure_distributed_env()
+    rank, world = _rank_world()
+    if world != cfg.world_size:
+        raise RuntimeError(f"launched with WORLD_SIZE={world} but the stage asks for {cfg.world_size}")
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+
+    start_step, resumed_from = 0, None
+    if latest_checkpoint_step(ckpt_dir) is not None:
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise ResumeError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
+        start_step = int(client["step"])
+        expected = start_step * cfg.batch_size
+        if client.get("samples_seen") != expected or client.get("batch_size") != cfg.batch_size:
+            raise ResumeError(
+                f"{path}: data position {client.get('samples_seen')} does not continue step "
+                f"{start_step} × batch {cfg.batch_size} = {expected}"
+            )
+        if engine.global_steps != start_step:
+            raise ResumeError(f"{path}: engine step {engine.global_steps} != checkpoint step {start_step}")
+        resumed_from = start_step
+    if rank == 0:
+        _truncate_metrics(metrics_path, start_step)
+
+    ga, mbs = cfg.grad_accum, cfg.micro_batch_size
+    last: dict[str, float] = {}
+    engine.train()
+    t_last = time.perf_counter()
+    for step in range(start_step, cfg.max_steps):
+        batch = global_batch(step)
+        if len(batch) != cfg.batch_size:
+            raise ValueError(f"global_batch({step}) gave {len(batch)} items, expected {cfg.batch_size}")
+        sums: dict[str, float] = {}
+        for m in range(ga):
+            chunk_idx = m * world + rank
+            chunk = batch[chunk_idx * mbs : (chunk_idx + 1) * mbs]
+            ctx = StepContext(step, m, rank, world, ga, batch, float(ga * world))
+            loss, metrics = step_fn(engine, chunk, ctx)
+            engine.backward(loss)
+            engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if after_step is not None:
+            after_step(engine, step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            keys = sorted(sums)
+            vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(vals)
+            now = time.perf_counter()
+            last = dict(zip(keys, vals.tolist()))
+            last.update(step=done, lr=scheduler.get_last_lr()[0], step_seconds=(now - t_last))
+            t_last = now
+            if rank == 0:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                if on_log is not None:
+                    on_log(dict(last, max_steps=cfg.max_steps))
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            engine.save_checkpoint(
+                str(ckpt_dir), tag=_tag(done),
+                client_state={"step": done, "samples_seen": done * cfg.batch_size, "batch_size": cfg.batch_size},
+            )
+            _barrier(world)
+            if rank == 0:
+                _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+
+    _consolidate(engine, save_model, out_dir, rank, world)
+    return LoopResult(str(out_dir), cfg.max_steps, resumed_from, str(metrics_path), last)
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _consolidate(engine, save_model, out_dir: Path, rank: int, world: int) -> None:
+    """Write full weights to out_dir atomically: a temp dir, then a rename, then a marker."""
+    import deepspeed
+
+    module = engine.module
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    if engine.zero_optimization_stage() == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                save_model(module, tmp)
+    elif rank == 0:
+        save_model(module, tmp)
+    if rank == 0:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        (out_dir / ".complete").write_text("ok\n")
+    _barrier(world)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]

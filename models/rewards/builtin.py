@@ -1,0 +1,36 @@
+"""The built-in task's verifier as a reward: ``models.builtin_task.verify`` behind the reward API.
+
+It adds nothing to the verifier's judgement; it only guarantees the reward contract (a float or
+``None``, never an exception on model output). The task module is imported on first call so that
+registering rewards does not build the task.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from models.rewards import register_reward
+
+logger = logging.getLogger(__name__)
+
+
+@register_reward("builtin_task")
+def builtin_task_reward(prompt: str, completion: str, reference: str) -> float | None:
+    """``models.builtin_task.verify(prompt, completion, reference)`` as a float, None = unjudged."""
+    try:
+        from models.builtin_task import verify
+    except ImportError:
+        logger.exception("models.builtin_task is not importable; builtin_task reward is None")
+        return None
+    try:
+        value = verify(prompt, completion, reference)
+    except Exception:  # the verifier must not raise on model output; if it does, say so loudly
+        logger.exception("models.builtin_task.verify raised; scoring the sample None")
+        return None
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        logger.error("models.builtin_task.verify returned %r, not a number", value)
+        return None

@@ -1,0 +1,312 @@
+"""Batched sampling from a causal LM: the one sampler behind evaluation, GRPO/PPO rollouts and
+rejection sampling.
+
+`sample` runs its own decoding loop on the model's KV cache instead of `model.generate`, for two
+reasons: (1) it returns the log-prob of every sampled token under the distribution it was *actually*
+drawn from (after temperature / top-k / top-p), which the RL losses need as the behaviour policy;
+(2) it is faster on CPU for small models: it drops finished rows from the batch (and the cache), asks
+the LM head for the last position only, and builds the decoding-step attention mask itself instead of
+going through generate's logits processors and stopping criteria every step.
+
+What it does not do: beam search, repetition penalties, streaming. `top_k` defaults to 0 (off) on
+purpose: transformers' generation config silently defaults to `top_k=50`, which makes the sampled
+distribution differ from softmax(logits / T) and the log-probs wrong for any vocab > 50.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int  # index into the prompts list
+    sample_index: int  # 0..num_samples-1
+    prompt_ids: list[int]  # prompt tokens incl. BOS, no padding
+    completion_ids: list[int]  # generated tokens up to and including the stop/eos token, no padding
+    completion_text: str  # decoded without eos/pad/bos, keeping stop strings such as "</answer>"
+    logprobs: list[float]  # behaviour log-prob of each completion token (sampled-from distribution)
+    finish_reason: str  # "stop" (stop string / stop token), "eos", "length" (hit max_new_tokens)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. `greedy=True` ignores temperature/top-k/top-p."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off (transformers defaults to 50; we never want that silently)
+    greedy: bool = False
+    stop_strings: tuple[str, ...] = ("</answer>",)
+
+
+# --------------------------------------------------------------------------------------------------
+# the sampling distribution
+
+
+def filtered_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution that is sampled from: softmax(logits / T) restricted to the top-k
+    tokens and then to the smallest set of top tokens whose mass reaches top_p (nucleus sampling,
+    Holtzman et al. 2020), renormalised. Removed tokens get -inf.
+
+    logits: (B, V) float -> (B, V) float32 log-probs.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use greedy=True for argmax decoding)")
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(-1)
+        # mass strictly before each token; keep a token while that mass is still < top_p, so the top
+        # token is always kept and the kept set is the smallest one with mass >= top_p
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def _choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token of each row and its behaviour log-prob. logits: (B, V) -> ((B,), (B,))."""
+    if params.greedy:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tokens = logp.argmax(-1)
+    else:
+        logp = filtered_logprobs(logits, params.temperature, params.top_k, params.top_p)
+        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# stop handling
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _split_stop_strings(tokenizer, stop_strings) -> tuple[dict[int, str], list[str]]:
+    """Stop strings that are one vocab token become stop token ids (checked on ids, cheap); the others
+    are detected on decoded text. Caveat: a single-token stop string that also occurs *inside* some
+    longer vocab token is only caught as its own token."""
+    token_stops: dict[int, str] = {}
+    text_stops: list[str] = []
+    for s in stop_strings:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False) == s:
+            token_stops[ids[0]] = s
+        else:
+            text_stops.append(s)
+    return token_stops, text_stops
+
+
+def _strip_ids(tokenizer, keep: set[int]) -> set[int]:
+    """Special ids (eos, pad, bos, ...) to drop before decoding; stop-string tokens are kept even when the
+    tokenizer registered them as special."""
+    return {int(i) for i in tokenizer.all_special_ids} - keep
+
+
+# --------------------------------------------------------------------------------------------------
+# the decoding loop
+
+
+def _cache_kwarg(model) -> str:
+    # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _make_cache(model, max_len: int):
+    """A KV cache that writes into buffers preallocated for `max_len` positions and hands attention a view
+    of the filled part. transformers' DynamicCache `torch.cat`s every layer's keys and values each step,
+    which on CPU costs more than the matmuls of a small model (measured: ~60% of a decoding step)."""
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer
+    except ImportError:  # older/newer layout: fall back to the stock cache
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            b, h, _, dk = key_states.shape
+            self._k = key_states.new_zeros((b, h, max_len, dk))
+            self._v = value_states.new_zeros((b, h, max_len, value_states.shape[-1]))
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    return Cache(layers=[PreallocatedLayer() for _ in range(model.config.num_hidden_layers)])
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, generator, pad_id, cache_kw):
+    """Decode one chunk of left-padded prompts. Returns per row (tokens, logprobs, finish_reason)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    n = len(rows)
+    # HF Llama's generate derives positions from the mask; do the same so left padding is invisible
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _make_cache(model, ids.shape[1] + params.max_new_tokens)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
+    )
+    logits = out.logits[:, -1, :]
+    next_pos = positions[:, -1:] + 1  # (n, 1)
+    # additive mask over the cached keys, (n, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs
+    neg = torch.finfo(model.dtype if model.dtype.is_floating_point else torch.float32).min
+    add_mask = ((1 - mask[:, None, None, :]).to(model.dtype) * neg)
+
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    active = torch.arange(n)  # chunk-row index of each row still in the batch
+    alive = [True] * n  # per chunk row: still decoding
+    stop_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    eos_t = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    for step in range(params.max_new_tokens):
+        chosen, chosen_logp = _choose_tokens(logits, params, generator)
+        is_stop = torch.isin(chosen, stop_t)
+        is_eos = torch.isin(chosen, eos_t)
+        chosen_l, logp_l = chosen.tolist(), chosen_logp.tolist()
+        stop_l, eos_l = is_stop.tolist(), is_eos.tolist()
+        keep: list[int] = []
+        for j, row in enumerate(active.tolist()):
+            if not alive[row]:  # finished earlier, awaiting compaction: ignore its garbage tokens
+                continue
+            tokens[row].append(chosen_l[j])
+            logps[row].append(logp_l[j])
+            if stop_l[j]:
+                reasons[row] = "stop"
+            elif eos_l[j]:
+                reasons[row] = "eos"
+            elif text_stop_check is not None and text_stop_check(tokens[row]):
+                reasons[row] = "stop"
+            else:
+                keep.append(j)
+                continue
+            alive[row] = False
+        if not keep or step == params.max_new_tokens - 1:
+            break
+        # drop finished rows once they are an eighth of the batch: fewer copies of the cache, less compute
+        if len(keep) <= active.numel() * 7 // 8:
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            for layer in cache.layers:
+                layer.batch_select_indices(idx)
+            active, chosen = active[idx.cpu()], chosen[idx]
+            next_pos, add_mask = next_pos[idx], add_mask[idx]
+        add_mask = torch.cat([add_mask, add_mask.new_zeros(add_mask.shape[0], 1, 1, 1)], dim=-1)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=add_mask,
+            position_ids=next_pos,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1
+    return tokens, logps, reasons
+
+
+def sample(
+    model, tokenizer, prompts: list[str], num_samples: int, params: SamplingParams, *, seed: int, batch_size: int = 64
+) -> list[Rollout]:
+    """Sample `num_samples` completions of every prompt.
+
+    Returns len(prompts) * num_samples rollouts in group-contiguous order (prompt 0's samples first).
+    Prompts are tokenized with the tokenizer's own special tokens (its post-processor adds BOS), left
+    padded, and decoded `batch_size` sequences at a time. The same `seed` gives the same rollouts for the
+    same `batch_size`; the global torch RNG is not touched. The model is put in eval mode.
+    """
+    if num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    model.eval()
+    eos_ids = _eos_ids(model, tokenizer)
+    token_stops, text_stops = _split_stop_strings(tokenizer, params.stop_strings)
+    strip = _strip_ids(tokenizer, keep=set(token_stops))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+    cache_kw = _cache_kwarg(model)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if i not in strip], skip_special_tokens=False)
+
+    text_stop_check = None
+    if text_stops:
+        # a stop string of c characters spans at most c non-empty tokens; a margin covers empty ones.
+        # Only occurrences ending in the newest token are new: older ones would have stopped earlier.
+        window = max(len(s) for s in text_stops) + 4
+
+        def text_stop_check(ids: list[int]) -> bool:
+            tail = decode(ids[-window:])
+            return any(s in tail for s in text_stops)
+
+    prompt_ids = [list(map(int, ids)) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    order = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    rollouts: list[Rollout] = []
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            rows = [prompt_ids[p] for p, _ in chunk]
+            toks, lps, reasons = _generate_chunk(
+                model, rows, params, set(token_stops), eos_ids, text_stop_check, generator, pad_id, cache_kw
+            )
+            for (p, s), t, lp, why in zip(chunk, toks, lps, reasons):
+                text = decode(t)
+                if why == "stop" and text_stops:
+                    # cut after the first stop string (the last token may carry text beyond it)
+                    ends = [text.find(x) + len(x) for x in text_stops if x in text]
+                    if ends:
+                        text = text[: min(ends)]
+                rollouts.append(Rollout(p, s, list(prompt_ids[p]), t, text, lp, why))
+    return rollouts

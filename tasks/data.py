@@ -1,0 +1,81 @@
+"""Resolve the datasets a recipe names into validated files with digests — before any training.
+
+- `builtin`: the built-in task's splits, materialised once per task config under the state dir
+  (deterministic content, written atomically, so the digest is stable across machines);
+- a local `.jsonl` / `.json` / `.parquet` file;
+- `hf://datasets/org/name@revision`: a snapshot through huggingface_hub, honouring its offline cache
+  (`HF_HUB_OFFLINE=1`, `HF_HUB_CACHE`); the file is `<split>.jsonl|.parquet` or `data/<split>-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from data_contracts.artifacts import ArtifactRef, digest_path
+from data_contracts.io import read_table, write_jsonl_atomic
+from data_contracts.problems import validate_problems
+from data_contracts.sft import load_sft_dataset
+from models import builtin_task
+from models.config import TaskConfig
+
+
+def builtin_dir(task: TaskConfig, datasets_root: Path) -> Path:
+    blob = json.dumps(dict(task.model_dump(), version=builtin_task.TASK_VERSION), sort_keys=True)
+    d = datasets_root / f"builtin-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if not (d / "test_problems.jsonl").exists():
+        train, test = builtin_task.make_problems(task.seed, task.n_train, task.n_test, task.min_operands, task.max_operands)
+        d.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "completion": p.solution} for p in train], d / "sft_train.jsonl")
+        write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in train],
+                           d / "train_problems.jsonl")
+        # written last: its presence means the directory is complete
+        write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in test],
+                           d / "test_problems.jsonl")
+    return d
+
+
+def _hf_dataset_file(uri: str, split: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    spec = uri.removeprefix("hf://datasets/")
+    repo, _, revision = spec.partition("@")
+    root = Path(snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None))
+    for pattern in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json", f"data/{split}.jsonl",
+                    f"data/{split}.parquet", f"data/{split}-*.parquet"):
+        hits = sorted(root.glob(pattern))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"{uri}: no file for split '{split}' in {root} (looked for {split}.jsonl/.parquet, data/{split}-*.parquet)")
+
+
+def resolve_sft_dataset(name: str, task: TaskConfig, datasets_root: Path, split: str = "train") -> ArtifactRef:
+    """A validated SFT dataset file (raises ContractError naming file, row and field)."""
+    if name == "builtin":
+        path = builtin_dir(task, datasets_root) / "sft_train.jsonl"
+    elif name.startswith("hf://datasets/"):
+        path = _hf_dataset_file(name, split)
+    else:
+        path = Path(name).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"sft.dataset: {path}: no such file")
+    load_sft_dataset(path)  # validate now, before any stage trains
+    return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))
+
+
+def resolve_problems(name: str, task: TaskConfig, datasets_root: Path, split: str = "test") -> ArtifactRef:
+    """Evaluation problems (id, prompt, answer), validated."""
+    if name == "builtin":
+        path = builtin_dir(task, datasets_root) / f"{split}_problems.jsonl"
+    elif name.startswith("hf://datasets/"):
+        path = _hf_dataset_file(name, split)
+    else:
+        path = Path(name).expanduser().resolve()
+    validate_problems(read_table(path), str(path))
+    return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))
+
+
+def load_problems(ref: ArtifactRef) -> list[dict]:
+    df = validate_problems(read_table(ref.path), ref.path)
+    return df.to_dict("records")

@@ -1,0 +1,56 @@
+"""train_stage: one Prefect task for every stage that trains a checkpoint on the DeepSpeed loop.
+
+The stage's kind picks the recipe function in models/recipes; the task only resolves inputs, opens
+the MLflow stage run, launches the recipe (in-process or with torchrun), and records the output ref.
+A killed stage rerun with the same cache key finds its work dir and resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import task
+
+from data_contracts.artifacts import ArtifactRef, digest_path
+from models.engine import read_metrics
+from models.launch import run_training
+from tasks.common import RunContext, StageResult, StageRun, state_paths, workdir_for
+from tasks.progress import reporter
+
+# stage kind -> (recipe function, how to build its spec from the inputs)
+RECIPES = {
+    "sft": "models.recipes.sft:train_sft",
+}
+
+
+def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir: str) -> dict:
+    spec = {"config": config, "workdir": workdir, "base_path": inputs["model"].path}
+    if "dataset" in inputs:
+        spec["dataset_path"] = inputs["dataset"].path
+    return spec
+
+
+@task(name="train")
+def train_stage(stage: str, kind: str, cache_key: str, config: dict, inputs: dict[str, ArtifactRef],
+                ctx: RunContext) -> StageResult:
+    workdir = workdir_for(ctx, stage, cache_key)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(state_paths(ctx.state_dir)["ops"]))
+    with StageRun(ctx, stage, cache_key, config, inputs) as run:
+        rep = reporter()
+        rep.stage_started(stage, config["max_steps"])
+        res = run_training(RECIPES[kind], build_spec(kind, config, inputs, str(workdir)), config["world_size"],
+                           workdir, on_log=lambda m: rep.update(stage, m))
+        rows = read_metrics(res["metrics_path"])
+        run.tracker.log_metrics(run.run_id, rows, prefix="train/")
+        resumed = res.get("resumed_from_step")
+        tags = {"posttrain.final_step": res["final_step"]}
+        if resumed is not None:
+            tags["posttrain.resumed_from_step"] = resumed
+        run.tracker.set_tags(run.run_id, tags)
+        output = ArtifactRef(kind="model", path=res["output_dir"], digest=digest_path(res["output_dir"]),
+                             run_id=run.run_id, stage=stage)
+        run.finish_output(output)
+        final = {f"train/{k}": v for k, v in (rows[-1] if rows else {}).items() if k != "step"}
+        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format") if k in res}
+        return StageResult(stage=stage, output=output, mlflow_run_id=run.run_id, cache_key=cache_key,
+                           metrics=final, resumed_from_step=resumed, wall_seconds=run.elapsed, extra=extra)

@@ -1,0 +1,135 @@
+import pytest
+
+from models.builtin_task import (
+    TASK_VERSION,
+    Problem,
+    evaluate,
+    extract_answer,
+    make_problem,
+    make_problems,
+    pretrain_corpus,
+    verify,
+    worked_text,
+)
+
+
+def test_problem_format_by_hand():
+    p = make_problem("test-00000", "4-0+2-7")
+    # 4-0=4, 4+2=6, 6-7=-1
+    assert p == Problem(
+        id="test-00000",
+        question="4-0+2-7",
+        prompt="Q: 4-0+2-7\nA:",
+        answer="-1",
+        solution="<think>4-0=4\n4+2=6\n6-7=-1</think><answer>-1</answer>",
+    )
+
+
+def test_negative_intermediate_steps():
+    # 0-4=-4, -4+2=-2, -2-9=-11
+    p = make_problem("x", "0-4+2-9")
+    assert p.solution == "<think>0-4=-4\n-4+2=-2\n-2-9=-11</think><answer>-11</answer>"
+    assert evaluate("9+9+9+9+9+9") == 54
+
+
+def test_worked_text_style():
+    assert worked_text("4-0+2-7") == "4-0 is 4, 4+2 is 6, 6-7 is -1, so the result is -1."
+
+
+def test_splits_deterministic_disjoint_unique():
+    train, test = make_problems(7, n_train=300, n_test=50)
+    train2, test2 = make_problems(7, n_train=300, n_test=50)
+    assert train == train2 and test == test2
+    tq, sq = [p.question for p in train], [p.question for p in test]
+    assert len(set(tq)) == 300 and len(set(sq)) == 50
+    assert not set(tq) & set(sq)
+    assert test[17].id == "test-00017" and train[3].id == "train-00003"
+    assert all(3 <= len(p.question.replace("+", "-").split("-")) <= 6 for p in train + test)
+    assert all(verify(p.prompt, p.solution, p.answer) == 1.0 for p in train + test)
+    other_train, other_test = make_problems(8, n_train=300, n_test=50)
+    assert [p.question for p in other_test] != sq
+
+
+def test_test_split_fixed_by_seed_alone():
+    _, test_small = make_problems(3, n_train=10, n_test=40)
+    train_big, test_big = make_problems(3, n_train=2000, n_test=40)
+    assert test_small == test_big
+    assert not {p.question for p in train_big} & {p.question for p in test_big}
+
+
+def test_operand_range_configurable():
+    train, test = make_problems(0, n_train=20, n_test=20, min_operands=2, max_operands=2)
+    assert all(len(p.question) == 3 for p in train + test)
+    with pytest.raises(ValueError):
+        make_problems(0, n_train=1000, n_test=1000, min_operands=2, max_operands=2)  # only 200 exist
+
+
+def test_pretrain_corpus():
+    _, test = make_problems(1, n_train=0, n_test=200, min_operands=3, max_operands=3)
+    excluded = {p.question for p in test}
+    docs = pretrain_corpus(1, 3000, excluded, worked_fraction=0.1, min_operands=3, max_operands=3)
+    assert docs == pretrain_corpus(1, 3000, excluded, worked_fraction=0.1, min_operands=3, max_operands=3)
+    assert len(docs) == 3000
+    for d in docs:
+        assert "<think>" not in d and "<answer>" not in d and "Q:" not in d
+        q = d.split("=")[0] if "=" in d else None
+        assert q not in excluded
+        for e in excluded:  # worked docs start with the first step, not the question; check both
+            assert not d.startswith(e + "=")
+    worked = [d for d in docs if d.endswith(".")]
+    assert 200 < len(worked) < 400  # ~10% of 3000
+    plain = [d for d in docs if not d.endswith(".")]
+    q, a = plain[0].split("=")
+    assert int(a) == evaluate(q)
+    assert not [d for d in pretrain_corpus(1, 200, set(), worked_fraction=0.0) if d.endswith(".")]
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>x</think><answer>-1</answer>", 1.0),
+        ("<answer> -1 </answer>", 1.0),
+        ("<answer>- 1</answer>", 1.0),
+        ("<answer>\u22121</answer>", 1.0),  # unicode minus
+        ("<answer>-01</answer>", 1.0),
+        ("<answer>1</answer>", 0.0),
+        ("<answer>+1</answer>", 0.0),
+        ("-1", 0.0),  # no answer block
+        ("< answer>-1</answer>", 0.0),
+        ("<answer>-1", 0.0),  # truncated
+        ("<answer>-1</answer><answer>-1", 0.0),  # trailing unclosed block
+        ("<answer>-1</answer> then <answer>-1</answer>", 1.0),  # agreeing
+        ("<answer>-1</answer><answer>2</answer>", 0.0),  # hedging
+        ("<answer>-1.0</answer>", 0.0),
+        ("<answer></answer>", 0.0),
+        ("<answer>" + "9" * 5000 + "</answer>", 0.0),  # too long for int(str)
+        ("\x00\ud800\ufffd<answer>\udcff</answer>", 0.0),  # garbage, lone surrogates
+        ("", 0.0),
+    ],
+)
+def test_verify_edge_cases(completion, expected):
+    assert verify("Q: 4-0+2-7\nA:", completion, "-1") == expected
+
+
+def test_verify_positive_and_sign():
+    assert verify("", "<answer>+3</answer>", "3") == 1.0
+    assert verify("", "<answer> 3 </answer>", "+3") == 1.0
+
+
+def test_verify_bad_reference_is_none():
+    assert verify("", "<answer>1</answer>", "one") is None
+    assert verify("", "<answer>1</answer>", "") is None
+    assert verify("", "<answer>1</answer>", None) is None
+
+
+def test_verify_never_raises_on_non_strings():
+    assert verify("", b"<answer>1</answer>\xff", "1") == 1.0
+    assert verify("", None, "1") == 0.0
+
+
+def test_extract_answer():
+    assert extract_answer("<answer> \u2212 12 </answer>") == "-12"
+    assert extract_answer("<answer>+5</answer>") == "5"
+    assert extract_answer("<answer>5</answer><answer>6</answer>") is None
+    assert extract_answer("<answer>\n7\n</answer>") == "7"
+    assert TASK_VERSION == "1"
