@@ -137,12 +137,16 @@ def _make_cache(model, max_len: int):
     """A KV cache that writes into buffers preallocated for `max_len` positions and hands attention a view
     of the filled part. transformers' DynamicCache `torch.cat`s every layer's keys and values each step,
     which on CPU costs more than the matmuls of a small model (measured: ~60% of a decoding step)."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
+    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
+        return DynamicCache(config=cfg)  # sliding-window / hybrid layers: the stock cache knows them
     try:
         from transformers.cache_utils import Cache, DynamicLayer
-    except ImportError:  # older/newer layout: fall back to the stock cache
-        from transformers import DynamicCache
-
-        return DynamicCache()
+    except ImportError:  # another internal layout: the stock cache is slower but right
+        return DynamicCache(config=cfg)
 
     class PreallocatedLayer(DynamicLayer):
         def __init__(self):
@@ -190,16 +194,24 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, generator, pad_id, cache_kw):
     """Decode one chunk of left-padded prompts. Returns per row (tokens, logprobs, finish_reason)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(rows, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
     n = len(rows)
+    # the samples of one prompt are adjacent: prefill each distinct prompt once, then copy its cache rows
+    is_first = [i == 0 or rows[i] != rows[i - 1] for i in range(n)]
+    first_of_run = [i for i in range(n) if is_first[i]]
+    run_of_row = (torch.tensor(is_first).long().cumsum(0) - 1).to(device)  # (n,) index into first_of_run
+    ids, mask = _left_pad([rows[i] for i in first_of_run], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
     # HF Llama's generate derives positions from the mask; do the same so left padding is invisible
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = _make_cache(model, ids.shape[1] + params.max_new_tokens)
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
     )
-    logits = out.logits[:, -1, :]
+    logits = out.logits[:, -1, :][run_of_row]
+    if len(first_of_run) < n:
+        for layer in cache.layers:
+            layer.batch_select_indices(run_of_row)
+    mask, positions = mask[run_of_row], positions[run_of_row]
     next_pos = positions[:, -1:] + 1  # (n, 1)
     # additive mask over the cached keys, (n, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs
     neg = torch.finfo(model.dtype if model.dtype.is_floating_point else torch.float32).min

@@ -1,0 +1,51 @@
+"""Shared test set-up: one Prefect home and one compiled-ops cache for the whole session.
+
+Prefect reads its settings at import, so the environment is set here, before any test imports it.
+Each flow test still gets its own state dir (results, work dirs, MLflow store).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_SESSION = Path(tempfile.mkdtemp(prefix="posttrain-tests-"))
+
+os.environ.setdefault("PREFECT_HOME", str(_SESSION / "prefect"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-compiles its shm_comm op once (~25 s); every test and subprocess reuses it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".posttrain" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A small random built-in-architecture model saved as an HF dir (fast engine tests)."""
+    from models.tiny_model import build_tiny_model, save_hf
+    from models.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    out = tmp_path_factory.mktemp("tiny-base")
+    save_hf(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory) -> Path:
+    """A prompt/completion JSONL of built-in problems."""
+    from data_contracts.io import write_jsonl_atomic
+    from models.builtin_task import make_problems
+
+    train, _ = make_problems(0, 64, 8)
+    out = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
+    write_jsonl_atomic([{"prompt": p.prompt, "completion": p.solution} for p in train], out)
+    return out
