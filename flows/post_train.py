@@ -102,8 +102,12 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
     task_cfg = resolved(cfg.task)
     # Every dataset is resolved and validated before any stage trains.
     problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"])
-    datasets = {s: resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)
-                for s in cfg.stages if s == "sft"}
+    datasets: dict[str, dict[str, ArtifactRef]] = {}
+    for stage in cfg.stages:
+        if stage == "sft":
+            datasets[stage] = {"dataset": resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)}
+        elif stage == "grpo":
+            datasets[stage] = {"prompts": resolve_problems(cfg.grpo.prompts, cfg.task, paths["datasets"], split="train")}
 
     results, rows = {}, []
     eval_cfg = resolved(cfg.evaluate)
@@ -117,13 +121,13 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
         if stage == "fetch":
             inputs: dict[str, ArtifactRef] = {}
             key_cfg = {"fetch": stage_cfg, "task": task_cfg if stage_cfg["uri"] == "builtin:tiny" else None}
-            key = stage_cache_key(stage, key_cfg, inputs, stage_code_version(fetch_mod.__file__))
+            key = stage_cache_key(stage, key_cfg, inputs, stage_code_version(fetch_mod.__name__, "models.recipes.pretrain"))
             res, cached, wall = _call(fetch_task, dict(stage=stage, cache_key=key, config=stage_cfg,
                                                        task_config=task_cfg, inputs=inputs, ctx=ctx),
                                       ctx, stage_cfg, inputs)
         else:
-            inputs = {"model": model_ref, "dataset": datasets[stage]}
-            key = stage_cache_key(stage, stage_cfg, inputs, stage_code_version(train_mod.__file__))
+            inputs = {"model": model_ref, **datasets[stage]}
+            key = stage_cache_key(stage, stage_cfg, inputs, stage_code_version(train_mod.__name__, train_mod.RECIPES[stage].split(":")[0]))
             res, cached, wall = _call(train_task, dict(stage=stage, kind=stage, cache_key=key, config=stage_cfg,
                                                        inputs=inputs, ctx=ctx), ctx, stage_cfg, inputs)
         model_ref = res.output
@@ -141,6 +145,6 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
 def _evaluate(eval_task, of_stage: str, model_ref: ArtifactRef, problems: ArtifactRef, eval_cfg: dict,
               ctx: RunContext):
     inputs = {"model": model_ref, "problems": problems}
-    key = stage_cache_key("evaluate", eval_cfg, inputs, stage_code_version(evaluate_mod.__file__))
+    key = stage_cache_key("evaluate", eval_cfg, inputs, stage_code_version(evaluate_mod.__name__))
     return _call(eval_task, dict(of_stage=of_stage, cache_key=key, config=eval_cfg, inputs=inputs, ctx=ctx),
                  ctx, eval_cfg, inputs, run_name=f"evaluate-{of_stage}")

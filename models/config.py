@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from models.rl_config import GRPOConfig
+from models.train_config import Strict, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "deployments" / "recipes"
 DEEPSPEED_DIR = REPO_ROOT / "deployments" / "deepspeed"
 DEFAULT_RECIPE = "r1"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TaskConfig(Strict):
@@ -39,44 +38,6 @@ class TaskConfig(Strict):
         description="fraction of pretraining docs that are free-form worked solutions (not the SFT "
         "format); web text has some, and R1-Zero needs them to have anything to reinforce",
     )
-
-
-class TrainConfig(Strict):
-    """Settings shared by every stage that trains on the DeepSpeed engine loop."""
-
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (nanoGPT)")
-    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
-    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
-    max_steps: int = Field(200, ge=1, description="optimizer steps")
-    batch_size: int = Field(16, ge=1, description="global batch (sequences per optimizer step)")
-    micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward/backward")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (DeepSpeed)")
-    save_every: int = Field(50, ge=1, description="checkpoint every N steps into the work dir")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
-    log_every: int = Field(1, ge=1, description="metrics every N steps")
-    seed: int = Field(0, description="seed for init, data order and sampling")
-    deepspeed: str = Field("zero0.json", description="DeepSpeed JSON: a file in deployments/deepspeed/ or a path")
-    zero_stage: int | None = Field(None, ge=0, le=3, description="override the JSON's ZeRO stage")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="training precision (CPU: fp32 or bf16)")
-    world_size: int = Field(1, ge=1, description="processes; > 1 launches with torchrun")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per rank (default: cores / world_size)")
-
-    @model_validator(mode="after")
-    def _batch_divides(self):
-        per_step = self.micro_batch_size * self.world_size
-        if self.batch_size % per_step:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size × world_size "
-                f"({self.micro_batch_size} × {self.world_size})"
-            )
-        return self
-
-    @property
-    def grad_accum(self) -> int:
-        return self.batch_size // (self.micro_batch_size * self.world_size)
 
 
 class PretrainConfig(TrainConfig):
@@ -147,6 +108,7 @@ class RecipeConfig(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     sft: SFTConfig | None = None
+    grpo: GRPOConfig | None = None
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied by --smoke")
@@ -167,7 +129,7 @@ class RecipeConfig(Strict):
 
 
 # Stage name -> what kind of thing it does; later issues add rl/sample/filter stages here.
-STAGE_KINDS = {"fetch": "checkpoint", "sft": "checkpoint"}
+STAGE_KINDS = {"fetch": "checkpoint", "sft": "checkpoint", "grpo": "checkpoint"}
 
 
 class RecipeError(ValueError):

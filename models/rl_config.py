@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from models.builtin_task import STOP_STRINGS
-from models.config import TrainConfig
+from models.train_config import TrainConfig
 
 
 class GRPOConfig(TrainConfig):

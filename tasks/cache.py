@@ -7,6 +7,7 @@ are the same input. Bookkeeping fields that cannot change a result are left out.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -20,10 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fields that never change what a stage computes (only how often it logs or keeps files).
 BOOKKEEPING_FIELDS = frozenset({"log_every", "save_every", "keep_checkpoints"})
 
-# Source that determines what a stage computes: the ML core, the contracts, and the stage's task.
-CODE_DIRS = ("models", "data_contracts")
-
-
 def _strip(obj):
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in sorted(obj.items()) if k not in BOOKKEEPING_FIELDS}
@@ -32,13 +29,60 @@ def _strip(obj):
     return obj
 
 
+# Our own packages: a stage's code version covers the modules of these that it imports.
+OWN_PACKAGES = ("models", "data_contracts", "tasks")
+# Modules that only record or display (MLflow, progress): they cannot change what a stage computes.
+BOOKKEEPING_MODULES = frozenset({"tasks.tracking", "tasks.progress"})
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in OWN_PACKAGES:
+        return None
+    base = REPO_ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module name a file imports, at any depth (lazy imports inside functions included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return names
+
+
+def stage_source_files(entry_modules: tuple[str, ...]) -> list[Path]:
+    """The transitive closure of our own modules imported from the entry modules."""
+    seen: dict[Path, None] = {}
+    todo = [m for m in entry_modules]
+    while todo:
+        name = todo.pop()
+        f = None if name in BOOKKEEPING_MODULES else _module_file(name)
+        if f is None or f in seen:
+            continue
+        seen[f] = None
+        todo.extend(_imports(f))
+        if "." in name:  # importing pkg.mod runs pkg/__init__.py too
+            todo.append(name.rsplit(".", 1)[0])
+    return sorted(seen)
+
+
 @functools.lru_cache(maxsize=None)
-def stage_code_version(task_module_file: str) -> str:
-    """sha256 over the .py sources of models/, data_contracts/ and the stage's task module."""
+def stage_code_version(*entry_modules: str) -> str:
+    """sha256 over the sources a stage runs: its task module and everything of ours it imports.
+
+    Editing an unrelated module (a new RL recipe, the CLI, the README) keeps finished stages cached;
+    editing anything the stage runs invalidates it.
+    """
     h = hashlib.sha256()
-    files = sorted(p for d in CODE_DIRS for p in (REPO_ROOT / d).rglob("*.py"))
-    files.append(Path(task_module_file))
-    for f in files:
+    for f in stage_source_files(tuple(entry_modules)):
         h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -18,6 +18,10 @@ from typing import Any
 log = logging.getLogger("posttrain.tracking")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A tracking server that is down must not hold training for minutes (MLflow's default is 7 retries
+# with exponential back-off); users who want more patience set these themselves.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 # MLflow stores dataset digests in a 36-character column: we log the first 32 hex characters of
 # the file's sha256 there, and the full digest in the run's posttrain.inputs tag.
@@ -135,13 +139,13 @@ class Tracker:
     @_safe
     def log_dataset(self, run_id: str | None, path: str, name: str, digest: str, context: str = "training") -> None:
         """Record a dataset input whose MLflow digest is the file's sha256 (truncated, see above)."""
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
         if not run_id:
             return
-        source = LocalArtifactDatasetSource(str(Path(path).resolve()))
+        source = resolve_dataset_source(str(Path(path).resolve()))
         ds = MetaDataset(source=source, name=name[:500], digest=mlflow_digest(digest))
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])
@@ -188,11 +192,12 @@ class Tracker:
             pass  # already exists
         source = f"runs:/{run_id}/{artifact_path}"
         mv = self.client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
-        return mv.version
+        return str(mv.version)
 
 
 def _metric_name(name: str) -> str:
-    # MLflow allows alphanumerics, _ - . space : / ; '@' is not allowed.
+    # MLflow allows alphanumerics, _ - . space : / only: pass@1 is logged as pass_at_1.
+    name = name.replace("@", "_at_")
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in name)[:250]
 
 

@@ -20,6 +20,7 @@ from tasks.progress import reporter
 # stage kind -> (recipe function, how to build its spec from the inputs)
 RECIPES = {
     "sft": "models.recipes.sft:train_sft",
+    "grpo": "models.recipes.grpo:train_grpo",
 }
 
 
@@ -27,6 +28,8 @@ def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir:
     spec = {"config": config, "workdir": workdir, "base_path": inputs["model"].path}
     if "dataset" in inputs:
         spec["dataset_path"] = inputs["dataset"].path
+    if "prompts" in inputs:
+        spec["prompts_path"] = inputs["prompts"].path
     return spec
 
 
@@ -51,6 +54,9 @@ def train_stage(stage: str, kind: str, cache_key: str, config: dict, inputs: dic
                              run_id=run.run_id, stage=stage)
         run.finish_output(output)
         final = {f"train/{k}": v for k, v in (rows[-1] if rows else {}).items() if k != "step"}
-        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format") if k in res}
+        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format", "num_problems") if k in res}
+        if res.get("rollouts_path"):
+            rollouts = read_metrics(res["rollouts_path"])  # JSONL rows, one per logged rollout
+            run.tracker.log_table(run.run_id, rollouts, "rollouts.json")
         return StageResult(stage=stage, output=output, mlflow_run_id=run.run_id, cache_key=cache_key,
                            metrics=final, resumed_from_step=resumed, wall_seconds=run.elapsed, extra=extra)

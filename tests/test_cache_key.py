@@ -36,3 +36,14 @@ def test_changes_that_do_not_matter_keep_the_key():
     # bookkeeping fields do not change what a stage computes
     for override in ("sft.save_every=7", "sft.log_every=5", "sft.keep_checkpoints=4"):
         assert key(cfg=resolved(load_recipe("r1", [override]).sft)) == base, override
+
+
+def test_stage_code_version_covers_what_the_stage_imports_and_nothing_else():
+    from tasks.cache import REPO_ROOT, stage_source_files
+
+    files = {f.relative_to(REPO_ROOT).as_posix() for f in stage_source_files(("tasks.train", "models.recipes.sft"))}
+    assert {"models/engine.py", "models/recipes/sft.py", "data_contracts/sft.py", "tasks/train.py"} <= files
+    # sampling, RL losses and the CLI cannot change what SFT computes
+    assert not files & {"models/rollouts.py", "models/losses.py", "flows/cli.py"}
+    evaluate = {f.relative_to(REPO_ROOT).as_posix() for f in stage_source_files(("tasks.evaluate",))}
+    assert {"models/rollouts.py", "models/evaluation.py", "models/rewards/__init__.py"} <= evaluate

@@ -1,0 +1,345 @@
+"""GRPO recipe: online RL with group-relative advantages on the one DeepSpeed engine loop.
+
+Each optimizer step (DeepSeekMath GRPO, Shao et al. 2024, alg. 1, with one update per batch, μ = 1):
+
+1. `global_batch(step)`: pick `num_prompts` problems with a seeded per-epoch permutation, sample
+   `num_generations` (G) completions of each from the *current* policy with a seed derived from
+   (config seed, step), score them with the configured rewards, and turn the scores into
+   group-relative advantages. Everything is a pure function of (weights, step), so a run resumed
+   from a checkpoint regenerates exactly the rollouts an uninterrupted run would have seen; every
+   rank generates the whole global batch identically (same weights, same seed).
+2. `step_fn`: one forward of the policy on prompt + completion, per-token log-probs of the
+   completion under softmax(logits / temperature) (the distribution the sampler drew from), and the
+   clipped surrogate of `models.losses.grpo_loss` with the loss normaliser of the *global* batch,
+   so any split into micro-batches, accumulation steps and ranks gives the gradient of one batch.
+
+With μ = 1 the old policy is the current one (`old_logprobs = logprobs.detach()`, ratio 1, the clip
+never bites); the behaviour log-probs the sampler recorded are only compared against it as a
+sanity metric (`logprob_gap`, ~0 at top_p = 1).
+
+Groups whose G rewards are all equal carry no signal. With `skip_zero_std_groups` their rows stay
+in the batch (run_loop checks its length) but get weight 0: their tokens are left out of the loss
+mask and of the normaliser, which is what dropping them would do (DAPO, Yu et al. 2025, sec. 3.2,
+without re-sampling replacements). `frac_zero_std` reports how many there were.
+
+What this does not do: several PPO epochs per batch (μ > 1), re-sampling to refill dropped groups,
+or generation with an inference server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.advantages import group_relative_advantages
+from models.config import deepspeed_config
+from models.engine import StepContext, latest_checkpoint_step, run_loop
+from models.logprobs import entropy_from_logits, masked_sum, token_logprobs
+from models.losses import grpo_loss
+from models.recipes.sft import EpochSampler, save_hf_dir
+from models.rewards import combine_rewards
+from models.rl_config import GRPOConfig
+from models.rollouts import SamplingParams, sample
+
+BATCH_STATS = ("reward_std", "frac_zero_std", "frac_unjudged")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_problems(path: str | os.PathLike) -> list[dict]:
+    """Validated problems as [{"id", "prompt", "answer"}] (the data contract names bad rows)."""
+    from data_contracts.io import read_table
+    from data_contracts.problems import validate_problems
+
+    df = validate_problems(read_table(path), str(path))
+    if df.empty:
+        raise ValueError(f"{path}: no problems")
+    return [{"id": str(r["id"]), "prompt": r["prompt"], "answer": str(r["answer"])} for r in df.to_dict("records")]
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step: a pure function of (config seed, step), decorrelated across steps."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- batch building
+
+
+def score_rollouts(rollouts, problems: list[dict], reward_fn, accuracy_key: str | None):
+    """(rewards, correct): the combined reward of each rollout (None = unjudged) and whether it is
+    correct (the `accuracy_key` part, or the total when there is none, is >= 1)."""
+    rewards, correct = [], []
+    for r in rollouts:
+        p = problems[r.prompt_index]
+        total, parts = reward_fn(p["prompt"], r.completion_text, p["answer"])
+        judged = parts.get(accuracy_key) if accuracy_key else total
+        rewards.append(total)
+        correct.append(judged is not None and judged >= 1.0)
+    return rewards, correct
+
+
+def make_items(rollouts, problems: list[dict], rewards: list, correct: list, cfg: GRPOConfig) -> list[dict]:
+    """One training item per rollout, in the rollouts' group-contiguous order.
+
+    rollouts: len n_prompts * G, rows [k*G, (k+1)*G) are prompt k's samples; problems[i] is the
+    problem of prompt_index i. An unjudged reward (None) counts as 0 for the advantage.
+    Every item carries the batch statistics in `stats`; step_fn counts them once (from item 0).
+    """
+    g = cfg.num_generations
+    scores = torch.tensor([0.0 if r is None else float(r) for r in rewards], dtype=torch.float32)
+    adv, zero_std = group_relative_advantages(scores, g, cfg.scale_rewards)
+    n = len(rollouts)
+    stats = {
+        "reward_std": float(scores.std()) if n > 1 else 0.0,
+        "frac_zero_std": float(zero_std.float().mean()),
+        "frac_unjudged": sum(r is None for r in rewards) / n,
+    }
+    items = []
+    for i, ro in enumerate(rollouts):
+        p = problems[ro.prompt_index]
+        items.append({
+            "index": i,
+            "prompt_id": p["id"],
+            "prompt": p["prompt"],
+            "prompt_ids": list(ro.prompt_ids),
+            "completion_ids": list(ro.completion_ids),
+            "completion_text": ro.completion_text,
+            "behaviour_logprobs": list(ro.logprobs),
+            "finish_reason": ro.finish_reason,
+            "reward": rewards[i],
+            "correct": bool(correct[i]),
+            "advantage": float(adv[i]),
+            "weight": 0.0 if (cfg.skip_zero_std_groups and bool(zero_std[i])) else 1.0,
+            "stats": stats,
+        })
+    return items
+
+
+@contextlib.contextmanager
+def sampling_policy(model: torch.nn.Module, shadow: torch.nn.Module | None):
+    """The current policy with full parameters, for generation.
+
+    ZeRO 0-2 keep full parameters on every rank: sample from `model` itself. Under ZeRO-3 the
+    parameters are partitioned; gather them (every rank takes part) and copy them into `shadow`, a
+    plain copy of the architecture, so that generation runs without ZeRO's per-module fetch hooks
+    (which would all-gather on every decoding step). Restores train mode afterwards.
+    """
+    if shadow is None or not hasattr(next(model.parameters()), "ds_id"):
+        try:
+            yield model
+        finally:
+            model.train()
+        return
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+        for src, dst in zip(params, shadow.parameters()):
+            dst.copy_(src.data.view_as(dst))
+    yield shadow
+
+
+def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, shadow=None, on_batch=None):
+    """`global_batch(step)` for run_loop: sample, score and compute advantages for a step."""
+    sampler = EpochSampler(len(problems), cfg.seed)
+    reward_fn = combine_rewards(cfg.rewards)
+    accuracy_key = "builtin_task" if "builtin_task" in cfg.rewards else None
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+        stop_strings=tuple(cfg.stop_strings),
+    )
+
+    def global_batch(step: int) -> list[dict]:
+        picked = [problems[i] for i in sampler.indices(step * cfg.num_prompts, cfg.num_prompts)]
+        with sampling_policy(model, shadow) as policy:
+            rollouts = sample(
+                policy, tokenizer, [p["prompt"] for p in picked], cfg.num_generations, params,
+                seed=rollout_seed(cfg.seed, step), batch_size=cfg.rollout_batch_size,
+            )
+        rewards, correct = score_rollouts(rollouts, picked, reward_fn, accuracy_key)
+        items = make_items(rollouts, picked, rewards, correct, cfg)
+        if on_batch is not None:
+            on_batch(step, items)
+        return items
+
+    return global_batch
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def collate_rollouts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt + completion. Masks and behaviour log-probs are aligned with the *shifted*
+    labels (input_ids[:, 1:]): completion token j of a P-token prompt sits at shifted index P-1+j."""
+    n = max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items)
+    b = len(items)
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, n), dtype=torch.long)
+    cmask = torch.zeros((b, n - 1), dtype=torch.bool)
+    behaviour = torch.zeros((b, n - 1), dtype=torch.float32)
+    for i, it in enumerate(items):
+        p, c = len(it["prompt_ids"]), len(it["completion_ids"])
+        input_ids[i, : p + c] = torch.tensor(it["prompt_ids"] + it["completion_ids"])
+        attn[i, : p + c] = 1
+        cmask[i, p - 1 : p - 1 + c] = True
+        behaviour[i, p - 1 : p - 1 + c] = torch.tensor(it["behaviour_logprobs"], dtype=torch.float32)
+    return {
+        "input_ids": input_ids, "attention_mask": attn, "completion_mask": cmask, "behaviour": behaviour,
+        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
+        "weights": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+    }
+
+
+def global_normalizer(items: list[dict], loss_type: str) -> float:
+    """`models.losses.loss_normalizer` of the whole global batch's loss mask, from lengths alone:
+    completion tokens of weighted rows (token_mean) or weighted non-empty rows (seq_mean...)."""
+    kept = [len(it["completion_ids"]) for it in items if it["weight"] > 0]
+    return float(sum(kept)) if loss_type == "token_mean" else float(sum(1 for c in kept if c > 0))
+
+
+def completion_logprobs(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs (b, n-1), shifted logits (b, n-1, V)) of the right-padded batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    return token_logprobs(logits, batch["input_ids"][:, 1:], temperature), logits
+
+
+def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
+    """step_fn for run_loop: the chunk's share of the global GRPO loss and additive metrics."""
+
+    def step(engine, chunk: list[dict], ctx: StepContext):
+        gb = ctx.global_batch
+        n_seq = len(gb)
+        norm = global_normalizer(gb, cfg.loss_type)
+        kept_tokens = max(1, sum(len(it["completion_ids"]) for it in gb if it["weight"] > 0))
+        all_tokens = max(1, sum(len(it["completion_ids"]) for it in gb))
+
+        batch = collate_rollouts(chunk, pad_id)
+        logprobs, logits = completion_logprobs(engine, batch, cfg.temperature)
+        cmask = batch["completion_mask"]
+        loss_mask = cmask & (batch["weights"] > 0).unsqueeze(-1)
+        ref = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref, _ = completion_logprobs(ref_model, batch, cfg.temperature)
+        loss, m = grpo_loss(
+            logprobs, logprobs.detach(), batch["advantages"], loss_mask,
+            clip_low=cfg.epsilon, clip_high=cfg.epsilon_high, ref_logprobs=ref, beta=cfg.beta,
+            aggregation=cfg.loss_type, constant_length=cfg.max_new_tokens, normalizer=norm,
+        )
+        with torch.no_grad():
+            # Entropy of the sampled distribution, from the same forward pass.
+            entropy = masked_sum(entropy_from_logits(logits.detach() / cfg.temperature), cmask)
+            gap = masked_sum((logprobs.detach() - batch["behaviour"]).abs(), cmask)
+        share = float(loss_mask.sum()) / kept_tokens  # grpo_loss metrics are means over loss_mask
+        metrics = {
+            "loss": float(loss.detach()),
+            "kl": float(m["kl"]) * share,
+            "clip_fraction": float(m["clip_fraction"]) * share,
+            "entropy": float(entropy) / all_tokens,
+            "logprob_gap": float(gap) / all_tokens,
+            "reward_mean": sum(0.0 if it["reward"] is None else it["reward"] for it in chunk) / n_seq,
+            "accuracy": sum(it["correct"] for it in chunk) / n_seq,
+            "completion_length": sum(len(it["completion_ids"]) for it in chunk) / n_seq,
+            "frac_truncated": sum(it["finish_reason"] == "length" for it in chunk) / n_seq,
+        }
+        # Batch-level statistics once per step: from the chunk that holds item 0.
+        first = chunk[0]["index"] == 0
+        metrics.update({k: (chunk[0]["stats"][k] if first else 0.0) for k in BATCH_STATS})
+        return loss * ctx.loss_scale, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- rollout log
+
+
+def should_log_rollouts(step: int, cfg: GRPOConfig) -> bool:
+    done = step + 1
+    return cfg.log_rollouts > 0 and (done == 1 or done % cfg.save_every == 0)
+
+
+def rollout_rows(step: int, items: list[dict], cfg: GRPOConfig) -> list[dict]:
+    """Rows of the rollout sample (data_contracts.rollouts columns plus step and finish_reason);
+    `step` is the 1-based optimizer step the batch fed, as in metrics.jsonl."""
+    keep = items[: cfg.log_rollouts * cfg.num_generations]
+    return [
+        {
+            "step": step + 1, "prompt_id": it["prompt_id"], "prompt": it["prompt"],
+            "completion": it["completion_text"],
+            "reward": None if it["reward"] is None else float(it["reward"]),
+            "advantage": it["advantage"], "length": len(it["completion_ids"]),
+            "finish_reason": it["finish_reason"],
+        }
+        for it in keep
+    ]
+
+
+def truncate_rollout_log(path: Path, last_step: int) -> None:
+    """Drop rows of steps past the checkpoint we resume from: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def train_grpo(spec: dict, on_log=None) -> dict:
+    """spec: config (GRPOConfig dict), base_path (HF dir of the start policy), prompts_path
+    (problems file: id, prompt, answer), workdir. Returns the loop result plus rollouts_path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = GRPOConfig.model_validate(spec["config"])
+    workdir = Path(spec["workdir"])
+    prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
+    if prompts_path is None:
+        raise ValueError("train_grpo needs spec['prompts_path'] (the task layer resolves 'builtin')")
+    problems = load_problems(prompts_path)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    zero_stage = deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0)
+    shadow = copy.deepcopy(model).requires_grad_(False) if zero_stage == 3 else None
+    ref_model = None
+    if cfg.beta > 0:  # the frozen start policy; never loaded for beta = 0
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
+        ref_model.eval().requires_grad_(False)
+
+    rank = int(os.environ.get("RANK", 0))
+    rollouts_path = workdir / "rollouts.jsonl"
+    if rank == 0 and not (workdir / "output" / ".complete").exists():
+        truncate_rollout_log(rollouts_path, latest_checkpoint_step(workdir / "checkpoints") or 0)
+
+    def log_batch(step: int, items: list[dict]) -> None:
+        if rank == 0 and should_log_rollouts(step, cfg):
+            workdir.mkdir(parents=True, exist_ok=True)
+            with open(rollouts_path, "a") as fh:
+                for row in rollout_rows(step, items, cfg):
+                    fh.write(json.dumps(row) + "\n")
+
+    global_batch = make_global_batch(model, tokenizer, problems, cfg, shadow=shadow, on_batch=log_batch)
+    res = run_loop(
+        model, cfg, workdir, global_batch, grpo_step_fn(cfg, pad_id, ref_model),
+        save_hf_dir(tokenizer, spec["base_path"]), on_log=on_log,
+    )
+    return {
+        "output_dir": res.output_dir, "final_step": res.final_step,
+        "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
+        "metrics_path": res.metrics_path, "last_metrics": res.last_metrics,
+        "rollouts_path": str(rollouts_path), "num_problems": len(problems),
+    }
+
+
+__all__ = ["train_grpo", "make_global_batch", "make_items", "grpo_step_fn", "rollout_seed", "load_problems"]

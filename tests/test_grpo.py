@@ -1,0 +1,282 @@
+"""GRPO recipe: config validation, batch building, the loss split over micro-batches, a short
+training run, exact resume, and (slow) ZeRO-3 on two ranks against ZeRO-0 on one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+# conftest.py sets this too; kept so the file also runs on its own (shm_comm compiles once, ~25 s).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
+
+from models.builtin_task import make_problems  # noqa: E402
+from models.engine import StepContext, read_metrics  # noqa: E402
+from models.launch import run_training  # noqa: E402
+from models.recipes.grpo import (  # noqa: E402
+    grpo_step_fn,
+    load_problems,
+    make_global_batch,
+    make_items,
+)
+from models.recipes.sft import EpochSampler  # noqa: E402
+from models.rl_config import GRPOConfig  # noqa: E402
+from models.rollouts import Rollout  # noqa: E402
+
+TARGET = "models.recipes.grpo:train_grpo"
+METRIC_KEYS = {
+    "loss", "reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy",
+    "completion_length", "frac_zero_std", "frac_truncated", "frac_unjudged", "logprob_gap",
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base that already half-solves 2-3 operand chains, so rewards vary within groups.
+
+    A random init never closes an <answer> block (reward always 0, loss 0): nothing to test. 150
+    full-batch steps of plain-torch SFT (~1-2 s) give mixed rewards.
+    """
+    from models.tiny_model import build_tiny_model, save_hf
+    from models.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo_base")
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    train, _ = make_problems(0, 64, 8, 2, 3)
+    enc = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in train]
+    n = max(map(len, enc))
+    ids = torch.full((len(enc), n), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)], attn[i, : len(e)] = torch.tensor(e), 1
+    labels = ids.masked_fill(attn == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(150):
+            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    save_hf(model, tok, root / "base")
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in train))
+    return {"base_path": str(root / "base"), "prompts_path": str(problems), "root": root}
+
+
+def small_config(**kw) -> dict:
+    cfg = dict(num_prompts=4, num_generations=4, max_new_tokens=24, max_steps=4, micro_batch_size=8,
+               save_every=1, lr=1e-3, seed=3)
+    cfg.update(kw)
+    return cfg
+
+
+def spec_for(base, workdir, **kw) -> dict:
+    return {"config": small_config(**kw), "base_path": base["base_path"],
+            "prompts_path": base["prompts_path"], "workdir": str(workdir)}
+
+
+def load_policy(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_derives_batch_and_rejects_mismatch():
+    c = GRPOConfig(num_prompts=4, num_generations=4)
+    assert (c.batch_size, c.micro_batch_size, c.grad_accum) == (16, 16, 1)
+    assert GRPOConfig(num_prompts=4, num_generations=4, world_size=2).micro_batch_size == 8
+    assert GRPOConfig(num_prompts=4, num_generations=4, batch_size=16, micro_batch_size=4).grad_accum == 4
+    # A resolved dump (what the cache key hashes) validates back to the same config.
+    assert GRPOConfig.model_validate(c.model_dump()) == c
+    assert (GRPOConfig().lr, GRPOConfig().batch_size, GRPOConfig().beta) == (3e-5, 128, 0.0)
+    with pytest.raises(ValueError, match=r"num_prompts × num_generations \(4 × 4 = 16\)"):
+        GRPOConfig(num_prompts=4, num_generations=4, batch_size=32)
+    with pytest.raises(ValueError, match="extra_forbidden|Extra inputs"):
+        GRPOConfig(num_generation=4)
+    with pytest.raises(ValueError, match="unknown reward"):
+        GRPOConfig(rewards={"nope": 1.0})
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        GRPOConfig(num_prompts=4, num_generations=4, micro_batch_size=3)
+
+
+# ----------------------------------------------------------------------------- batch building
+
+
+def _fake_rollouts(n_prompts, g):
+    return [Rollout(k, s, [1, 5, 6], [7] * (s + 1), "x", [-0.5] * (s + 1), "eos")
+            for k in range(n_prompts) for s in range(g)]
+
+
+def test_make_items_advantages_by_hand():
+    cfg = GRPOConfig(num_prompts=2, num_generations=4)
+    problems = [{"id": "a", "prompt": "pa", "answer": "1"}, {"id": "b", "prompt": "pb", "answer": "2"}]
+    rewards = [1.0, 0.0, None, 0.0, 1.0, 1.0, 1.0, 1.0]  # None counts as 0 for the advantage
+    items = make_items(_fake_rollouts(2, 4), problems, rewards, [r == 1.0 for r in rewards], cfg)
+    # group a: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²) / 3) = sqrt(0.25) = 0.5, eps 1e-4:
+    # A = 0.75 / 0.5001 = 1.49970, -0.25 / 0.5001 = -0.49990
+    want = [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0, 0, 0]
+    assert [it["advantage"] for it in items] == pytest.approx(want, abs=1e-6)
+    assert [it["prompt_id"] for it in items] == ["a"] * 4 + ["b"] * 4
+    assert [it["weight"] for it in items] == [1.0] * 4 + [0.0] * 4  # group b is flat: skipped
+    stats = items[0]["stats"]
+    assert stats["frac_zero_std"] == 0.5 and stats["frac_unjudged"] == 1 / 8
+    # the std of the rewards as scored, None -> 0: [1, 0, 0, 0, 1, 1, 1, 1]
+    assert stats["reward_std"] == pytest.approx(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]).std().item())
+    kept = make_items(_fake_rollouts(2, 4), problems, rewards, [False] * 8, cfg.model_copy(update={"skip_zero_std_groups": False}))
+    assert [it["weight"] for it in kept] == [1.0] * 8
+
+
+def test_global_batch_is_group_contiguous_and_deterministic(base):
+    model, tok = load_policy(base["base_path"])
+    problems = load_problems(base["prompts_path"])
+    cfg = GRPOConfig(**small_config())
+    gb = make_global_batch(model, tok, problems, cfg)
+    b0, b0_again, b1 = gb(0), gb(0), gb(1)
+    assert len(b0) == cfg.batch_size
+    picked = [problems[i]["id"] for i in EpochSampler(len(problems), cfg.seed).indices(0, cfg.num_prompts)]
+    assert [it["prompt_id"] for it in b0] == [pid for pid in picked for _ in range(cfg.num_generations)]
+    for k in range(cfg.num_prompts):
+        group = b0[k * 4 : (k + 1) * 4]
+        assert len({tuple(it["prompt_ids"]) for it in group}) == 1
+        assert sum(it["advantage"] for it in group) == pytest.approx(0.0, abs=1e-5)
+    strip = lambda b: [(it["completion_ids"], it["reward"], it["advantage"]) for it in b]  # noqa: E731
+    assert strip(b0) == strip(b0_again)
+    assert strip(b0) != strip(b1)
+    assert {it["reward"] for it in b0} == {0.0, 1.0}, "the fixture base should give mixed rewards"
+    assert model.training  # sampling put it in eval mode; the batch builder restores train mode
+
+
+@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batches_sum_to_the_global_loss(base, loss_type):
+    model, tok = load_policy(base["base_path"])
+    cfg = GRPOConfig(**small_config(loss_type=loss_type))
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg)(0)
+    step = grpo_step_fn(cfg, tok.pad_token_id)
+
+    def grads(mbs):
+        model.zero_grad()
+        ga = len(batch) // mbs
+        total = {}
+        for m in range(ga):
+            ctx = StepContext(0, m, 0, 1, ga, batch, float(ga))
+            loss, metrics = step(model, batch[m * mbs : (m + 1) * mbs], ctx)
+            (loss / ga).backward()  # what engine.backward does with gradient_accumulation_steps = ga
+            for k, v in metrics.items():
+                total[k] = total.get(k, 0.0) + v
+        return [p.grad.clone() for p in model.parameters()], total
+
+    g_full, m_full = grads(16)
+    g_split, m_split = grads(4)
+    for a, b in zip(g_full, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # padding changes fp32 rounding
+    assert m_full == pytest.approx(m_split, rel=1e-5, abs=1e-7)
+    assert set(m_full) == METRIC_KEYS
+    # μ = 1: ratio 1, so the loss is -Σ_i w_i A_i c_i / N with c_i the row's token sum of 1
+    # (token_mean: c_i = len_i, N = Σ w_i len_i; seq_mean_token_mean: c_i = 1, N = Σ w_i;
+    # sum_norm: c_i = len_i / max_new_tokens, N = Σ w_i).
+    lens = [len(it["completion_ids"]) for it in batch]
+    w = [it["weight"] for it in batch]
+    adv = [it["advantage"] for it in batch]
+    c = {"token_mean": lens, "seq_mean_token_mean": [1] * 16, "seq_mean_token_sum_norm": [x / 24 for x in lens]}[loss_type]
+    n = sum(wi * li for wi, li in zip(w, lens)) if loss_type == "token_mean" else sum(w)
+    assert m_full["loss"] == pytest.approx(-sum(wi * ai * ci for wi, ai, ci in zip(w, adv, c)) / max(n, 1), abs=1e-6)
+    assert m_full["reward_mean"] == pytest.approx(sum(it["reward"] for it in batch) / 16)
+    assert m_full["logprob_gap"] < 1e-4  # trainer log-probs = the sampler's behaviour log-probs
+
+
+def test_kl_term_with_a_reference_model(base):
+    import copy
+
+    model, tok = load_policy(base["base_path"])
+    cfg0 = GRPOConfig(**small_config())
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg0)(0)
+    ctx = StepContext(0, 0, 0, 1, 1, batch, 1.0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    _, same = grpo_step_fn(cfg0.model_copy(update={"beta": 0.1}), tok.pad_token_id, ref)(model, batch, ctx)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)  # reference = policy: k3 = 0
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.add_(0.05 * torch.randn_like(ref.model.embed_tokens.weight))
+    _, m0 = grpo_step_fn(cfg0, tok.pad_token_id)(model, batch, ctx)
+    _, mb = grpo_step_fn(cfg0.model_copy(update={"beta": 0.1}), tok.pad_token_id, ref)(model, batch, ctx)
+    assert m0["kl"] == 0.0 and mb["kl"] > 0
+    # token_mean over one chunk = the whole batch: loss_beta = loss_0 + beta * (mean k3 over kept tokens)
+    assert mb["loss"] == pytest.approx(m0["loss"] + 0.1 * mb["kl"], rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def straight_run(base):
+    workdir = base["root"] / "straight"
+    result = run_training(TARGET, spec_for(base, workdir), 1, workdir)
+    return workdir, result
+
+
+def test_train_writes_metrics_rollouts_and_hf_output(straight_run):
+    from transformers import AutoModelForCausalLM
+
+    workdir, result = straight_run
+    assert result["final_step"] == 4 and result["resumed_from_step"] is None
+    metrics = read_metrics(result["metrics_path"])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert METRIC_KEYS <= set(m) and all(math.isfinite(m[k]) for k in METRIC_KEYS)
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["frac_zero_std"] <= 1
+    assert any(m["loss"] != 0 for m in metrics)
+    rows = [json.loads(ln) for ln in open(result["rollouts_path"])]
+    assert [r["step"] for r in rows] == [s for s in (1, 2, 3, 4) for _ in range(8)]  # 2 prompts × G 4
+    assert {"prompt_id", "prompt", "completion", "reward", "advantage", "length"} <= set(rows[0])
+    model = AutoModelForCausalLM.from_pretrained(result["output_dir"])
+    assert model.config.hidden_size == 32
+
+
+def test_resume_regenerates_the_same_rollouts_and_weights(base, straight_run):
+    straight_dir, straight = straight_run
+    workdir = base["root"] / "resumed"
+    first = run_training(TARGET, spec_for(base, workdir, max_steps=2), 1, workdir)
+    assert first["final_step"] == 2
+    shutil.rmtree(workdir / "output")
+    again = run_training(TARGET, spec_for(base, workdir, max_steps=4), 1, workdir)
+    assert again["resumed_from_step"] == 2 and again["final_step"] == 4
+    a, _ = load_policy(straight["output_dir"])
+    b, _ = load_policy(again["output_dir"])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    assert open(straight["rollouts_path"]).read() == open(again["rollouts_path"]).read()
+    ma, mb = read_metrics(straight["metrics_path"]), read_metrics(again["metrics_path"])
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]  # the resumed run's lines continue the first run's
+    for x, y in zip(ma, mb):
+        x.pop("step_seconds"), y.pop("step_seconds")
+        assert y == pytest.approx(x, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_match_zero0_one_rank(base):
+    one = base["root"] / "zero0_1rank"
+    two = base["root"] / "zero3_2rank"
+    r1 = run_training(TARGET, spec_for(base, one, max_steps=2), 1, one)
+    r2 = run_training(TARGET, spec_for(base, two, max_steps=2, deepspeed="zero3.json", world_size=2), 2, two)
+    m1, m2 = read_metrics(r1["metrics_path"]), read_metrics(r2["metrics_path"])
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-4, abs=1e-7)
+    for key in ("reward_mean", "reward_std", "completion_length", "frac_zero_std", "entropy"):
+        assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-4, abs=1e-7), key
+    # Step 2 samples from the updated ZeRO-3 weights (gathered into the sampling copy): same rollouts.
+    rows = lambda r: [json.loads(ln) for ln in open(r["rollouts_path"])]  # noqa: E731
+    assert [x["completion"] for x in rows(r2)] == [x["completion"] for x in rows(r1)]
+    a, _ = load_policy(r1["output_dir"])
+    b, _ = load_policy(r2["output_dir"])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
