@@ -10,6 +10,7 @@ work dir (named by the same key) and resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,19 @@ from prefect import flow
 
 from data_contracts.artifacts import ArtifactRef
 from flows.state import configure_state_dir
-from models.config import RecipeConfig, load_recipe, resolved
+from models.config import STAGE_KINDS, RecipeConfig, load_recipe, resolved
+from models.engine import read_metrics
 from tasks.cache import git_code_version, stage_cache_key, stage_code_version
 from tasks.common import RunContext, StageResult, default_tracking_uri, record_cache_hit, state_paths, tracker_for
-from tasks.data import resolve_problems, resolve_sft_dataset
+from tasks.data import resolve_preferences, resolve_problems, resolve_sft_dataset
 from tasks.evaluate import evaluate_checkpoint
 from tasks.fetch import fetch_base
 from tasks.progress import reporter
+from tasks.samples import filter_stage, sample_stage
 from tasks.train import train_stage
 from tasks import evaluate as evaluate_mod
 from tasks import fetch as fetch_mod
+from tasks import samples as samples_mod
 from tasks import train as train_mod
 
 
@@ -35,7 +39,7 @@ def _cache_key_fn(context, parameters: dict) -> str:
     return parameters["cache_key"]
 
 
-def _cached(task_fn, results_dir: Path, retries: int):
+def _cached(task_fn, *, results_dir: Path, retries: int):
     return task_fn.with_options(
         cache_key_fn=_cache_key_fn, persist_result=True, result_storage=Path(results_dir),
         retries=retries, retry_delay_seconds=5,
@@ -60,7 +64,7 @@ def _call(task_fn, kwargs: dict, ctx: RunContext, config_for_run: dict, inputs: 
     return result, cached, wall
 
 
-@flow(name="post-train", log_prints=True)
+@flow(name="post-train")
 def post_train(
     recipe: str = "r1",
     overrides: list[str] | None = None,
@@ -98,48 +102,85 @@ def post_train(
     return summary
 
 
-def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> dict[str, Any]:
-    task_cfg = resolved(cfg.task)
-    # Every dataset is resolved and validated before any stage trains.
-    problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"])
-    datasets: dict[str, dict[str, ArtifactRef]] = {}
+def _stage_data(cfg: RecipeConfig, paths: dict[str, Path]) -> dict[str, dict[str, ArtifactRef]]:
+    """Every dataset a stage reads, resolved and validated before any stage trains."""
+    data: dict[str, dict[str, ArtifactRef]] = {}
     for stage in cfg.stages:
         if stage == "sft":
-            datasets[stage] = {"dataset": resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)}
-        elif stage == "grpo":
-            datasets[stage] = {"prompts": resolve_problems(cfg.grpo.prompts, cfg.task, paths["datasets"], split="train")}
+            data[stage] = {"dataset": resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)}
+        elif stage in ("grpo", "ppo", "sample"):
+            prompts = cfg.stage_config(stage).prompts
+            data[stage] = {"prompts": resolve_problems(prompts, cfg.task, paths["datasets"], split="train")}
+        elif stage in ("dpo", "reward_model"):
+            sc = cfg.stage_config(stage)
+            data[stage] = ({"prompts": resolve_problems(sc.prompts, cfg.task, paths["datasets"], split="train")}
+                           if sc.dataset == "onpolicy" else {"dataset": resolve_preferences(sc.dataset)})
+    return data
 
-    results, rows = {}, []
+
+def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> dict[str, Any]:
+    task_cfg = resolved(cfg.task)
+    problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"])
+    data = _stage_data(cfg, paths)
     eval_cfg = resolved(cfg.evaluate)
-    fetch_task = _cached(fetch_base, paths["results"], cfg.retries)
-    train_task = _cached(train_stage, paths["results"], cfg.retries)
-    eval_task = _cached(evaluate_checkpoint, paths["results"], cfg.retries)
+    cached_task = functools.partial(_cached, results_dir=paths["results"], retries=cfg.retries)
+    fetch_task, train_task = cached_task(fetch_base), cached_task(train_stage)
+    eval_task, sample_task, filter_task = cached_task(evaluate_checkpoint), cached_task(sample_stage), cached_task(filter_stage)
 
+    results: dict[str, StageResult] = {}
+    rows: list[dict] = []
     model_ref: ArtifactRef | None = None
     for stage in cfg.stages:
         stage_cfg = resolved(cfg.stage_config(stage))
         if stage == "fetch":
             inputs: dict[str, ArtifactRef] = {}
             key_cfg = {"fetch": stage_cfg, "task": task_cfg if stage_cfg["uri"] == "builtin:tiny" else None}
-            key = stage_cache_key(stage, key_cfg, inputs, stage_code_version(fetch_mod.__name__, "models.recipes.pretrain"))
-            res, cached, wall = _call(fetch_task, dict(stage=stage, cache_key=key, config=stage_cfg,
-                                                       task_config=task_cfg, inputs=inputs, ctx=ctx),
-                                      ctx, stage_cfg, inputs)
-        else:
-            inputs = {"model": model_ref, **datasets[stage]}
-            key = stage_cache_key(stage, stage_cfg, inputs, stage_code_version(train_mod.__name__, train_mod.RECIPES[stage].split(":")[0]))
-            res, cached, wall = _call(train_task, dict(stage=stage, kind=stage, cache_key=key, config=stage_cfg,
-                                                       inputs=inputs, ctx=ctx), ctx, stage_cfg, inputs)
-        model_ref = res.output
+            code = stage_code_version(fetch_mod.__name__, "models.recipes.pretrain")
+            task_fn, kwargs = fetch_task, dict(config=stage_cfg, task_config=task_cfg)
+            key_source = key_cfg
+        elif stage in ("sample", "filter"):
+            inputs = {"model": model_ref, **data[stage]} if stage == "sample" else {"samples": results["sample"].output}
+            code = stage_code_version(samples_mod.__name__)
+            task_fn, kwargs, key_source = (sample_task if stage == "sample" else filter_task), dict(config=stage_cfg), stage_cfg
+        else:  # a training stage: sft, reward_model, dpo, grpo, ppo, refine (= sft on the filter's output)
+            kind = "sft" if stage == "refine" else stage
+            extra = {"dataset": results["filter"].output} if stage == "refine" else dict(data.get(stage, {}))
+            if stage == "ppo" and "reward_model" in results:
+                extra["reward_model"] = results["reward_model"].output
+            inputs = {"model": model_ref, **extra}
+            code = stage_code_version(train_mod.__name__, train_mod.RECIPES[kind].split(":")[0])
+            task_fn, kwargs, key_source = train_task, dict(kind=kind, config=stage_cfg), stage_cfg
+        key = stage_cache_key(stage, key_source, inputs, code)
+        res, cached, wall = _call(task_fn, dict(stage=stage, cache_key=key, inputs=inputs, ctx=ctx, **kwargs),
+                                  ctx, stage_cfg, inputs)
         results[stage] = res
-        ev, ev_cached, ev_wall = _evaluate(eval_task, stage, model_ref, problems, eval_cfg, ctx)
-        rows.append({
-            "stage": stage, "cached": cached and ev_cached, "wall_seconds": round(wall + ev_wall, 3),
-            "mlflow_run_id": res.mlflow_run_id, "output": {"path": res.output.path, "digest": res.output.digest},
-            "metrics": ev.metrics, "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step,
-            "eval_mlflow_run_id": ev.mlflow_run_id, "cache_key": res.cache_key,
-        })
-    return {"stages": rows, "final_model": rows[-1]["output"]}
+        row = {"stage": stage, "cached": cached, "wall_seconds": round(wall, 3), "mlflow_run_id": res.mlflow_run_id,
+               "output": {"path": res.output.path, "digest": res.output.digest}, "metrics": {},
+               "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step, "cache_key": res.cache_key}
+        if STAGE_KINDS[stage] == "checkpoint":
+            model_ref = res.output
+            ev, ev_cached, ev_wall = _evaluate(eval_task, stage, model_ref, problems, eval_cfg, ctx)
+            row.update(cached=cached and ev_cached, wall_seconds=round(wall + ev_wall, 3), metrics=ev.metrics,
+                       eval_mlflow_run_id=ev.mlflow_run_id)
+        rows.append(row)
+    summary = {"stages": rows, "final_model": {"path": model_ref.path, "digest": model_ref.digest,
+                                               "mlflow_run_id": model_ref.run_id}}
+    rl_curves = {s: read_metrics(r.extra["metrics_path"]) for s, r in results.items()
+                 if s in ("grpo", "ppo") and r.extra.get("metrics_path")}
+    summary["report_png"] = _report(summary, rl_curves, paths, ctx)
+    return summary
+
+
+def _report(summary: dict, rl_curves: dict, paths: dict[str, Path], ctx: RunContext) -> str | None:
+    from prefect.runtime import flow_run
+
+    from models.report import plot_report
+
+    out = paths["root"] / "reports" / f"{flow_run.id or 'run'}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_report(summary, rl_curves, out)
+    tracker_for(ctx).log_artifact(ctx.parent_run_id, str(out), "report")
+    return str(out)
 
 
 def _evaluate(eval_task, of_stage: str, model_ref: ArtifactRef, problems: ArtifactRef, eval_cfg: dict,

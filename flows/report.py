@@ -63,3 +63,5 @@ def print_table(summary: dict, console: Console | None = None) -> None:
         )
     console.print(table)
     console.print(f"MLflow parent run: {summary.get('mlflow_parent_run_id')}")
+    if summary.get("report_png"):
+        console.print(f"Report plot: {summary['report_png']}")

@@ -30,6 +30,8 @@ def prepare_environment(state_dir: str | None = None, quiet: bool = True) -> Pat
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
     }
     if quiet:

@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from models.pref_config import DPOConfig, RewardModelConfig
 from models.rl_config import GRPOConfig
+from models.sample_filter_config import FilterConfig, SampleConfig
 from models.train_config import Strict, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +110,12 @@ class RecipeConfig(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     sft: SFTConfig | None = None
+    reward_model: RewardModelConfig | None = None
+    dpo: DPOConfig | None = None
     grpo: GRPOConfig | None = None
+    sample: SampleConfig | None = Field(None, description="rejection sampling: N scored candidates per prompt")
+    filter: FilterConfig | None = Field(None, description="which samples become refine data (models/filters.py)")
+    refine: SFTConfig | None = Field(None, description="SFT on the filtered samples (dataset: samples)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="dotted overrides applied by --smoke")
@@ -122,6 +129,11 @@ class RecipeConfig(Strict):
                 raise ValueError(f"stages[{i}]: stage '{stage}' has no '{stage}:' section")
         if not self.stages or self.stages[0] != "fetch":
             raise ValueError("stages[0]: every recipe starts with 'fetch'")
+        if self.refine is not None and self.refine.dataset != "samples":
+            raise ValueError("refine.dataset: must be 'samples' (refine trains on the filter stage's output)")
+        for later, earlier in (("filter", "sample"), ("refine", "filter")):
+            if later in self.stages and (earlier not in self.stages or self.stages.index(earlier) > self.stages.index(later)):
+                raise ValueError(f"stages: '{later}' needs '{earlier}' before it")
         return self
 
     def stage_config(self, stage: str) -> BaseModel:
@@ -129,7 +141,8 @@ class RecipeConfig(Strict):
 
 
 # Stage name -> what kind of thing it does; later issues add rl/sample/filter stages here.
-STAGE_KINDS = {"fetch": "checkpoint", "sft": "checkpoint", "grpo": "checkpoint"}
+STAGE_KINDS = {"fetch": "checkpoint", "sft": "checkpoint", "reward_model": "reward_model", "dpo": "checkpoint",
+               "grpo": "checkpoint", "sample": "dataset", "filter": "dataset", "refine": "checkpoint"}
 
 
 class RecipeError(ValueError):

@@ -155,6 +155,7 @@ def run_loop(
     save_model(module, dir) writes the consolidated Hugging Face directory (called on rank 0 with
     full parameters). Returns where the consolidated output lies.
     """
+    ensure_distributed_env()
     import deepspeed
 
     workdir = Path(workdir)
@@ -163,7 +164,6 @@ def run_loop(
     if (out_dir / ".complete").exists():
         return LoopResult(str(out_dir), cfg.max_steps, None, str(metrics_path), already_done=True)
 
-    ensure_distributed_env()
     rank, world = _rank_world()
     if world != cfg.world_size:
         raise RuntimeError(f"launched with WORLD_SIZE={world} but the stage asks for {cfg.world_size}")

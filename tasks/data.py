@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data_contracts.artifacts import ArtifactRef, digest_path
 from data_contracts.io import read_table, write_jsonl_atomic
+from data_contracts.preferences import validate_preferences
 from data_contracts.problems import validate_problems
 from data_contracts.sft import load_sft_dataset
 from models import builtin_task
@@ -79,3 +80,12 @@ def resolve_problems(name: str, task: TaskConfig, datasets_root: Path, split: st
 def load_problems(ref: ArtifactRef) -> list[dict]:
     df = validate_problems(read_table(ref.path), ref.path)
     return df.to_dict("records")
+
+
+def resolve_preferences(name: str) -> ArtifactRef:
+    """A validated preference file in TRL's format (prompt, chosen, rejected)."""
+    path = Path(name).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"preference dataset {path}: no such file")
+    validate_preferences(read_table(path), str(path))
+    return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))

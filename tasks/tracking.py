@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,9 @@ class Tracker:
 
         if not run_id:
             return
-        source = resolve_dataset_source(str(Path(path).resolve()))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file is a local file
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(path).resolve()))
         ds = MetaDataset(source=source, name=name[:500], digest=mlflow_digest(digest))
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])

@@ -21,6 +21,8 @@ from tasks.progress import reporter
 RECIPES = {
     "sft": "models.recipes.sft:train_sft",
     "grpo": "models.recipes.grpo:train_grpo",
+    "dpo": "models.recipes.dpo:train_dpo",
+    "reward_model": "models.recipes.reward_model:train_reward_model",
 }
 
 
@@ -30,6 +32,8 @@ def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir:
         spec["dataset_path"] = inputs["dataset"].path
     if "prompts" in inputs:
         spec["prompts_path"] = inputs["prompts"].path
+    if "reward_model" in inputs:
+        spec["reward_model_path"] = inputs["reward_model"].path
     return spec
 
 
@@ -50,11 +54,12 @@ def train_stage(stage: str, kind: str, cache_key: str, config: dict, inputs: dic
         if resumed is not None:
             tags["posttrain.resumed_from_step"] = resumed
         run.tracker.set_tags(run.run_id, tags)
-        output = ArtifactRef(kind="model", path=res["output_dir"], digest=digest_path(res["output_dir"]),
+        output = ArtifactRef(kind="reward_model" if kind == "reward_model" else "model", path=res["output_dir"], digest=digest_path(res["output_dir"]),
                              run_id=run.run_id, stage=stage)
         run.finish_output(output)
         final = {f"train/{k}": v for k, v in (rows[-1] if rows else {}).items() if k != "step"}
-        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format", "num_problems") if k in res}
+        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format", "num_problems", "metrics_path")
+                 if k in res}
         if res.get("rollouts_path"):
             rollouts = read_metrics(res["rollouts_path"])  # JSONL rows, one per logged rollout
             run.tracker.log_table(run.run_id, rollouts, "rollouts.json")

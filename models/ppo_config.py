@@ -1,0 +1,166 @@
+"""Typed config of the PPO stage (RLHF-style PPO with a learned critic).
+
+Field names follow TRL's `PPOConfig` where one exists (`kl_coef`, `cliprange`, `cliprange_value`,
+`vf_coef`, `gamma`, `lam`, `whiten_rewards` -> `whiten_advantages`, `num_ppo_epochs` ->
+`ppo_epochs`, `kl_estimator`), the sampling fields are named as in `GRPOConfig`
+(`models/rl_config.py`), and every default cites the paper or peer it comes from.
+
+The global batch of a step is `num_prompts * num_generations` completions; `batch_size` is derived
+from those two and may only be given when it agrees (as for GRPO).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from models.builtin_task import STOP_STRINGS
+from models.train_config import TrainConfig
+
+
+class PPOConfig(TrainConfig):
+    """PPO for language models (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022): a per-token
+    reward of -kl_coef * KL(pi || pi_ref) plus the sequence score at the last token, GAE advantages
+    from a value head that shares the policy's backbone, and the clipped policy and value losses."""
+
+    prompts: str = Field(
+        "builtin",
+        description="'builtin' (the built-in task's train split) or a problems file with columns "
+        "id, prompt, answer (.jsonl/.parquet); resolved to `prompts_path` by the task layer",
+    )
+    num_prompts: int = Field(16, ge=1, description="prompts per rollout batch (as GRPO's default, prototype)")
+    num_generations: int = Field(
+        4, ge=1,
+        description="completions sampled per prompt (TRL PPO samples 1; 1-4 are sensible: PPO needs no "
+        "group, more samples per prompt only lower the variance of the batch)",
+    )
+    max_new_tokens: int = Field(
+        72, ge=1,
+        description="completion budget (TRL `response_length`); 72 fits the built-in task's solutions",
+    )
+    temperature: float = Field(
+        1.0, gt=0,
+        description="sampling temperature (OpenRLHF default 1.0; TRL's 0.7 makes the sampler and the "
+        "trained distribution differ unless log-probs are tempered too, which we do); the policy, "
+        "reference and old log-probs are all taken under softmax(logits / temperature)",
+    )
+    stop_strings: list[str] = Field(
+        default_factory=lambda: list(STOP_STRINGS),
+        description="generation stops after any of these (built-in task: '</answer>'), and on EOS",
+    )
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"builtin_task": 1.0},
+        description="verifier rewards from models.rewards with their weights (as GRPO's `rewards`); "
+        "may be empty when a reward model gives the score",
+    )
+    reward_model: str | None = Field(
+        None,
+        description="a trained reward-model directory (the reward_model stage's output); its score is "
+        "added with weight `reward_model_weight`. The task layer passes the upstream stage's output as "
+        "spec['reward_model_path'], which takes precedence",
+    )
+    reward_model_weight: float = Field(1.0, description="weight of the reward-model score in the sequence score")
+    kl_coef: float = Field(
+        0.05, ge=0,
+        description="beta of the per-token KL penalty in the reward (TRL PPOConfig `kl_coef` 0.05; "
+        "InstructGPT eq. 2 uses a fixed beta too). 0 loads no reference model",
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="per-token KL estimator in the reward (TRL `kl_estimator`, default 'k1' as in Ziegler et al.)"
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (TRL 1.0: the episode is one completion)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (TRL 0.95; Schulman et al. 2015)")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip epsilon (TRL 0.2; Schulman et al. 2017)")
+    cliprange_value: float = Field(
+        0.2, gt=0, description="value clip around the rollout-time values (TRL 0.2; Huang et al. 2022 #9)"
+    )
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss (TRL 0.1)")
+    whiten_advantages: bool = Field(
+        True,
+        description="normalise advantages to mean 0 / std 1 over all completion tokens of the global batch "
+        "(TRL and OpenRLHF do; Huang et al. 2022 #7)",
+    )
+    ppo_epochs: int = Field(
+        1, ge=1,
+        description="optimizer steps on the same rollouts (TRL `num_ppo_epochs` 4 with mini-batches; here "
+        "each epoch is one full-batch optimizer step, so max_steps counts epochs). 1 = on-policy, as GRPO's "
+        "mu = 1. > 1 needs max_steps and save_every to be multiples of it, so that a checkpoint always "
+        "sits at a rollout boundary and resume regenerates the rollouts exactly",
+    )
+    value_lr_multiplier: float = Field(
+        1.0, gt=0,
+        description="the value head's lr is lr * this (OpenRLHF trains its separate critic at ~18x the "
+        "actor's lr: 9e-6 vs 5e-7); the shared backbone keeps lr",
+    )
+    rollout_batch_size: int = Field(
+        128, ge=1,
+        description="sequences decoded at once; part of what fixes the rollouts of a seed",
+    )
+    log_rollouts: int = Field(
+        2, ge=0, description="prompts whose completions are written to rollouts.jsonl on save steps"
+    )
+    # Defaults of TrainConfig fields that differ for PPO.
+    lr: float = Field(
+        3e-5, gt=0,
+        description="peak learning rate (GRPO prototype 3e-5 on the built-in 1.8M model; see the PPO "
+        "recipe report for the PPO measurement)",
+    )
+    max_steps: int = Field(60, ge=1, description="optimizer steps (as GRPO)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL on-policy trainers: 0)")
+    lr_schedule: Literal["cosine", "constant"] = Field("constant", description="after warm-up (as GRPO)")
+    save_every: int = Field(10, ge=1, description="checkpoint (and rollout sample) every N steps")
+    batch_size: int = Field(64, ge=1, description="derived: num_prompts * num_generations (give it only to assert it)")
+    micro_batch_size: int = Field(
+        64, ge=1, description="sequences per rank per micro-step; default batch_size / world_size"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_batch(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        fields = cls.model_fields
+        n_prompts = data.get("num_prompts", fields["num_prompts"].default)
+        g = data.get("num_generations", fields["num_generations"].default)
+        if not (isinstance(n_prompts, int) and isinstance(g, int)):
+            return data  # field validation reports the bad type
+        derived = n_prompts * g
+        given = data.get("batch_size")
+        if given is None:
+            data["batch_size"] = derived
+        elif given != derived:
+            raise ValueError(
+                f"batch_size ({given}) must equal num_prompts × num_generations ({n_prompts} × {g} = "
+                f"{derived}); leave batch_size out to derive it"
+            )
+        if data.get("micro_batch_size") is None:
+            world = data.get("world_size", 1)
+            world = world if isinstance(world, int) and world > 0 else 1
+            data["micro_batch_size"] = max(1, derived // world)
+        return data
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
+        from models.rewards import REWARD_NAMES
+
+        unknown = sorted(set(v) - set(REWARD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; known: {list(REWARD_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.rewards and not self.reward_model:
+            raise ValueError("rewards is empty and no reward_model is set: nothing would score the completions")
+        if self.ppo_epochs > 1 and (self.max_steps % self.ppo_epochs or self.save_every % self.ppo_epochs):
+            raise ValueError(
+                f"ppo_epochs ({self.ppo_epochs}) must divide max_steps ({self.max_steps}) and save_every "
+                f"({self.save_every}): checkpoints must fall on rollout boundaries for exact resume"
+            )
+        return self
+
+
+__all__ = ["PPOConfig"]

@@ -1,0 +1,303 @@
+"""PPO recipe: config validation, the per-token targets by hand, the global batch builder, the loss
+split over micro-batches, a short training run with its HF + value-head output, and exact resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
+
+from models.builtin_task import make_problems  # noqa: E402
+from models.engine import StepContext, read_metrics  # noqa: E402
+from models.heads import CausalLMWithValueHead  # noqa: E402
+from models.launch import run_training  # noqa: E402
+from models.ppo_config import PPOConfig  # noqa: E402
+from models.recipes.grpo import load_problems  # noqa: E402
+from models.recipes.ppo import VALUE_HEAD_FILE, make_global_batch, ppo_step_fn, ppo_targets  # noqa: E402
+
+TARGET = "models.recipes.ppo:train_ppo"
+METRIC_KEYS = {
+    "loss", "pg_loss", "vf_loss", "clip_fraction", "approx_kl", "vf_clip_fraction", "value_mean", "entropy",
+    "kl", "reward_mean", "score_mean", "accuracy", "completion_length", "frac_truncated", "logprob_gap",
+    "advantage_std", "explained_variance", "frac_unjudged",
+}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a busy 2-core machine two threads
+    per process thrash (measured: 150 SFT steps take 3.7 s on 1 thread, 183 s on 2 under load 8)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base that half-solves 2-3 operand chains (150 full-batch SFT steps, ~2 s), so the
+    verifier's scores are mixed; a random init never closes an <answer> block."""
+    from models.tiny_model import build_tiny_model, save_hf
+    from models.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("ppo_base")
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    train, _ = make_problems(0, 64, 8, 2, 3)
+    enc = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in train]
+    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)], attn[i, : len(e)] = torch.tensor(e), 1
+    labels = ids.masked_fill(attn == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(150):
+            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    save_hf(model, tok, root / "base")
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in train))
+    return {"base_path": str(root / "base"), "prompts_path": str(problems), "root": root}
+
+
+def small_config(**kw) -> dict:
+    cfg = dict(num_prompts=4, num_generations=4, max_new_tokens=24, max_steps=4, micro_batch_size=8,
+               save_every=1, lr=1e-3, seed=3, num_threads=1)
+    cfg.update(kw)
+    return cfg
+
+
+def spec_for(base, workdir, **kw) -> dict:
+    return {"config": small_config(**kw), "base_path": base["base_path"],
+            "prompts_path": base["prompts_path"], "workdir": str(workdir)}
+
+
+def load_parts(base):
+    """(policy with a value head seeded like train_ppo's, tokenizer, reference = a perturbed copy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base["base_path"])
+    torch.manual_seed(0)
+    model = CausalLMWithValueHead(AutoModelForCausalLM.from_pretrained(base["base_path"], dtype=torch.float32))
+    ref = copy.deepcopy(model.pretrained_model).eval().requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy, so that KL != 0
+        ref.model.embed_tokens.weight.add_(0.05 * torch.randn_like(ref.model.embed_tokens.weight))
+    return model, tok, ref
+
+
+# ----------------------------------------------------------------------------- config and targets
+
+
+def test_config_derives_batch_and_validates():
+    c = PPOConfig(num_prompts=4, num_generations=2)
+    assert (c.batch_size, c.micro_batch_size, c.grad_accum) == (8, 8, 1)
+    assert PPOConfig.model_validate(c.model_dump()) == c
+    d = PPOConfig()
+    assert (d.batch_size, d.kl_coef, d.lam, d.vf_coef, d.cliprange, d.ppo_epochs) == (64, 0.05, 0.95, 0.1, 0.2, 1)
+    with pytest.raises(ValueError, match=r"num_prompts × num_generations \(4 × 2 = 8\)"):
+        PPOConfig(num_prompts=4, num_generations=2, batch_size=16)
+    with pytest.raises(ValueError, match="nothing would score"):
+        PPOConfig(rewards={})
+    assert PPOConfig(rewards={}, reward_model="/some/rm").rewards == {}
+    with pytest.raises(ValueError, match="must divide max_steps"):
+        PPOConfig(ppo_epochs=4, max_steps=10, save_every=4)
+    with pytest.raises(ValueError, match="unknown reward"):
+        PPOConfig(rewards={"nope": 1.0})
+    with pytest.raises(ValueError, match="extra_forbidden|Extra inputs"):
+        PPOConfig(kl_cof=0.1)
+
+
+def test_ppo_targets_by_hand():
+    cfg = PPOConfig(kl_coef=0.1, gamma=1.0, lam=0.95, whiten_advantages=False)
+    scores = torch.tensor([1.0, 0.0])
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -0.5, -1.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    t = ppo_targets(scores, lp, ref, values, mask, cfg)
+    # row 0: k1 = lp - ref = [0.5, 0]; r = [-0.1·0.5, -0.1·0 + 1] = [-0.05, 1.0], 0 at padding
+    # row 1: k1 = [0, 0, 0.5]; r = [0, 0, -0.05 + score 0]
+    torch.testing.assert_close(t["rewards"], torch.tensor([[-0.05, 1.0, 0.0], [0.0, 0.0, -0.05]]))
+    # row 0 GAE: A_1 = 1.0 + 0 - 0.2 = 0.8; A_0 = (-0.05 + 0.2 - 0.5) + 0.95·0.8 = -0.35 + 0.76 = 0.41
+    # row 1 (V = 0): A_2 = -0.05, A_1 = 0 + 0.95·(-0.05) = -0.0475, A_0 = 0.95·(-0.0475) = -0.045125
+    want = torch.tensor([[0.41, 0.8, 0.0], [-0.045125, -0.0475, -0.05]])
+    torch.testing.assert_close(t["advantages"], want)
+    # returns = A + V: [0.91, 1.0]; row 1 = A
+    torch.testing.assert_close(t["returns"], torch.tensor([[0.91, 1.0, 0.0], [-0.045125, -0.0475, -0.05]]))
+    w = ppo_targets(scores, lp, ref, values, mask, cfg.model_copy(update={"whiten_advantages": True}))
+    valid = w["advantages"][mask]
+    assert float(valid.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(valid.std()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(w["returns"], t["returns"])  # value targets are never whitened
+    assert float(w["advantages"][0, 2]) == 0.0
+
+
+# ----------------------------------------------------------------------------- batch building
+
+
+def fake_scorer(prompts, completions):
+    return [0.01 * len(c) for c in completions]
+
+
+def test_global_batch_rewards_whitening_and_determinism(base):
+    model, tok, ref = load_parts(base)
+    problems = load_problems(base["prompts_path"])
+    cfg = PPOConfig(**small_config(kl_coef=0.1, reward_model="fake", reward_model_weight=0.5))
+    gb = make_global_batch(model, tok, problems, cfg, ref_model=ref, reward_scorer=fake_scorer)
+    b0, b1 = gb(0), gb(1)
+    assert len(b0) == cfg.batch_size
+    assert model.training  # sampling put it in eval mode; the builder restores train mode
+    # one row by hand: r_j = -kl_coef·(old_j - ref_j), plus the score at the last token
+    it = b0[5]
+    c = len(it["completion_ids"])
+    want = [-0.1 * (a - b) for a, b in zip(it["old_logprobs"], it["ref_logprobs"])]
+    want[-1] += it["score"]
+    assert it["rewards"] == pytest.approx(want, abs=1e-6)
+    assert len(it["advantages"]) == len(it["returns"]) == len(it["old_values"]) == c
+    assert it["kl"] == pytest.approx(sum(a - b for a, b in zip(it["old_logprobs"], it["ref_logprobs"])), abs=1e-5)
+    assert any(abs(x["kl"]) > 1e-3 for x in b0)
+    # score = verifier (builtin_task, 0/1) + 0.5 · fake reward model
+    for x in b0:
+        verifier = x["score"] - 0.5 * 0.01 * len(x["completion_text"])
+        assert verifier == pytest.approx(1.0 if x["correct"] else 0.0, abs=1e-9)
+    assert {x["correct"] for x in b0} == {False, True}, "the fixture base should give mixed scores"
+    # the old log-probs are those the sampler drew with (same weights, T = 1, top_p = 1)
+    assert max(abs(a - b) for x in b0 for a, b in zip(x["old_logprobs"], x["behaviour_logprobs"])) < 1e-4
+    # advantages whitened over every completion token of the global batch
+    adv = torch.tensor([a for x in b0 for a in x["advantages"]])
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-5) and float(adv.std()) == pytest.approx(1.0, abs=1e-4)
+    # a pure function of (weights, step): a fresh builder regenerates step 0 exactly
+    again = make_global_batch(model, tok, problems, cfg, ref_model=ref, reward_scorer=fake_scorer)(0)
+    strip = lambda b: [(x["completion_ids"], x["score"], x["advantages"], x["returns"]) for x in b]  # noqa: E731
+    assert strip(again) == strip(b0)
+    assert strip(b1) != strip(b0)
+
+
+def test_ppo_epochs_reuse_the_rollouts(base):
+    model, tok, _ = load_parts(base)
+    problems = load_problems(base["prompts_path"])
+    cfg = PPOConfig(**small_config(ppo_epochs=2, max_steps=4, save_every=2, num_prompts=2, num_generations=2,
+                                   micro_batch_size=4, kl_coef=0.0))
+    gb = make_global_batch(model, tok, problems, cfg)
+    b0 = gb(0)
+    assert gb(1) is b0  # epoch 2 of rollout batch 0
+    b2 = gb(2)
+    assert [x["completion_ids"] for x in b2] != [x["completion_ids"] for x in b0]
+    with pytest.raises(RuntimeError, match="not in memory"):
+        make_global_batch(model, tok, problems, cfg)(3)
+
+
+def test_micro_batches_sum_to_the_global_loss(base):
+    model, tok, ref = load_parts(base)
+    cfg = PPOConfig(**small_config(kl_coef=0.1))
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg, ref_model=ref)(0)
+    step = ppo_step_fn(cfg, tok.pad_token_id)
+
+    def grads(mbs):
+        model.zero_grad()
+        ga = len(batch) // mbs
+        total = {}
+        for m in range(ga):
+            ctx = StepContext(0, m, 0, 1, ga, batch, float(ga))
+            loss, metrics = step(model, batch[m * mbs : (m + 1) * mbs], ctx)
+            (loss / ga).backward()  # what engine.backward does with gradient_accumulation_steps = ga
+            for k, v in metrics.items():
+                total[k] = total.get(k, 0.0) + v
+        return [p.grad.clone() for p in model.parameters()], total
+
+    g_full, m_full = grads(16)
+    g_split, m_split = grads(4)
+    for a, b in zip(g_full, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # padding changes fp32 rounding
+    assert m_full == pytest.approx(m_split, rel=1e-5, abs=1e-6)
+    assert set(m_full) == METRIC_KEYS
+    assert model.value_head.linear.weight.grad.abs().sum() > 0  # the critic is trained too
+    # first update: ratio 1 and V = old V, so pg = -Σ A / N and vf = 0.5 Σ (old V - R)² / N, N tokens
+    n = sum(len(x["completion_ids"]) for x in batch)
+    pg = -sum(a for x in batch for a in x["advantages"]) / n
+    vf = 0.5 * sum((v - r) ** 2 for x in batch for v, r in zip(x["old_values"], x["returns"])) / n
+    assert m_full["pg_loss"] == pytest.approx(pg, abs=1e-5)
+    assert m_full["vf_loss"] == pytest.approx(vf, rel=1e-4)
+    assert m_full["loss"] == pytest.approx(pg + 0.1 * vf, rel=1e-4, abs=1e-6)
+    assert m_full["clip_fraction"] == 0.0 and m_full["vf_clip_fraction"] == 0.0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def straight_run(base):
+    workdir = base["root"] / "straight"
+    return run_training(TARGET, spec_for(base, workdir), 1, workdir)
+
+
+def test_train_writes_metrics_rollouts_and_outputs(straight_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    result = straight_run
+    assert result["final_step"] == 4 and result["resumed_from_step"] is None
+    metrics = read_metrics(result["metrics_path"])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert METRIC_KEYS <= set(m) and all(math.isfinite(m[k]) for k in METRIC_KEYS)
+        assert 0 <= m["accuracy"] <= 1 and m["logprob_gap"] < 1e-4
+    rows = [json.loads(ln) for ln in open(result["rollouts_path"])]
+    assert [r["step"] for r in rows] == [s for s in (1, 2, 3, 4) for _ in range(8)]  # 2 prompts × 4
+    out = Path(result["output_dir"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 32
+    head = load_file(str(out / VALUE_HEAD_FILE))
+    assert head["linear.weight"].shape == (1, 32) and head["linear.bias"].shape == (1,)
+
+
+def test_resume_regenerates_the_same_rollouts_and_weights(base, straight_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    workdir = base["root"] / "resumed"
+    first = run_training(TARGET, spec_for(base, workdir, max_steps=2), 1, workdir)
+    assert first["final_step"] == 2
+    shutil.rmtree(workdir / "output")
+    again = run_training(TARGET, spec_for(base, workdir, max_steps=4), 1, workdir)
+    assert again["resumed_from_step"] == 2 and again["final_step"] == 4
+    a = AutoModelForCausalLM.from_pretrained(straight_run["output_dir"])
+    b = AutoModelForCausalLM.from_pretrained(again["output_dir"])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    ha = load_file(str(Path(straight_run["output_dir"]) / VALUE_HEAD_FILE))
+    hb = load_file(str(Path(again["output_dir"]) / VALUE_HEAD_FILE))
+    for k in ha:
+        torch.testing.assert_close(ha[k], hb[k], rtol=0, atol=1e-6, msg=k)
+    assert open(straight_run["rollouts_path"]).read() == open(again["rollouts_path"]).read()
+    ma, mb = read_metrics(straight_run["metrics_path"]), read_metrics(again["metrics_path"])
+    for x, y in zip(ma, mb):
+        x.pop("step_seconds"), y.pop("step_seconds")
+        assert y == pytest.approx(x, rel=1e-6, abs=1e-9)
+
+
+def test_ppo_epochs_and_value_lr_multiplier_train(base):
+    workdir = base["root"] / "epochs"
+    res = run_training(TARGET, spec_for(base, workdir, max_steps=4, save_every=2, ppo_epochs=2,
+                                        value_lr_multiplier=10.0), 1, workdir)
+    metrics = read_metrics(res["metrics_path"])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # epochs 1 and 2 of a batch see the same rollouts; the second starts off-policy (ratio != 1)
+    assert metrics[0]["score_mean"] == metrics[1]["score_mean"]
+    assert metrics[0]["approx_kl"] == pytest.approx(0.0, abs=1e-7) and metrics[1]["approx_kl"] > 0
+    rows = [json.loads(ln) for ln in open(res["rollouts_path"])]
+    assert sorted({r["step"] for r in rows}) == [1, 3]
