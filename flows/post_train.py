@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow
 
 from data_contracts.artifacts import ArtifactRef
+from flows import runs
 from flows.state import configure_state_dir
 from models.config import STAGE_KINDS, RecipeConfig, load_recipe, resolved
 from models.engine import read_metrics
@@ -71,6 +72,7 @@ def post_train(
     smoke: bool = False,
     state_dir: str = ".posttrain",
     tracking_uri: str | None = None,
+    resumed_from: str | None = None,
 ) -> dict[str, Any]:
     """Run a recipe end to end; returns the run summary (what `--summary-json` writes)."""
     from prefect.runtime import flow_run
@@ -80,6 +82,7 @@ def post_train(
     ctx = RunContext(
         state_dir=str(paths["root"]), tracking_uri=tracking_uri or default_tracking_uri(paths["root"]),
         experiment=cfg.tracking.experiment, code_version=git_code_version(), recipe=cfg.name,
+        resumed_from=resumed_from,
     )
     tracker = tracker_for(ctx)
     flow_run_id = str(flow_run.id or "")
@@ -87,16 +90,23 @@ def post_train(
         f"{cfg.name}{'-smoke' if smoke else ''}", params={"recipe": cfg.name, "smoke": smoke, **resolved(cfg)},
         tags={"posttrain.recipe": cfg.name, "posttrain.smoke": str(smoke).lower(), "posttrain.kind": "flow",
               "posttrain.prefect_flow_run_id": flow_run_id, "posttrain.code_version": ctx.code_version,
-              "posttrain.overrides": " ".join(overrides or [])},
+              "posttrain.overrides": " ".join(overrides or []),
+              **({"posttrain.resumed_from_run": resumed_from} if resumed_from else {})},
     )
     ctx = ctx.model_copy(update={"parent_run_id": parent})
+    parameters = {"recipe": recipe, "overrides": list(overrides or []), "smoke": smoke,
+                  "state_dir": str(paths["root"]), "tracking_uri": tracking_uri}
+    runs.record_start(paths["root"], flow_run_id, parameters, parent, cfg.name, resumed_from)
     try:
         summary = _run_stages(cfg, ctx, paths)
-    except BaseException:
+    except BaseException as e:
+        runs.record_end(paths["root"], flow_run_id, "FAILED", f"{type(e).__name__}: {e}"[:2000])
         tracker.end_run(parent, "FAILED")
         raise
-    summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent, recipe=cfg.name, smoke=smoke,
-                   tracking_errors=len(tracker.errors))
+    runs.record_end(paths["root"], flow_run_id, "COMPLETED")
+    summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent, recipe=cfg.name, smoke=smoke)
+    summary["registered_model"] = _register_final(cfg, ctx, summary, smoke)
+    summary["tracking_errors"] = len(tracker.errors)
     tracker.log_json(parent, summary, "summary.json")
     tracker.end_run(parent, "FINISHED")
     return summary
@@ -130,7 +140,9 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
     results: dict[str, StageResult] = {}
     rows: list[dict] = []
     model_ref: ArtifactRef | None = None
+    flow_run_id = _flow_run_id()
     for stage in cfg.stages:
+        runs.update(paths["root"], flow_run_id, current_stage=stage)
         stage_cfg = resolved(cfg.stage_config(stage))
         if stage == "fetch":
             inputs: dict[str, ArtifactRef] = {}
@@ -169,6 +181,28 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
                  if s in ("grpo", "ppo") and r.extra.get("metrics_path")}
     summary["report_png"] = _report(summary, rl_curves, paths, ctx)
     return summary
+
+
+def _register_final(cfg: RecipeConfig, ctx: RunContext, summary: dict, smoke: bool) -> str | None:
+    """Register the recipe's final model (its stage run's `model` artifact) with lineage tags."""
+    final = next((r for r in reversed(summary["stages"]) if STAGE_KINDS[r["stage"]] == "checkpoint"), None)
+    producer = summary["final_model"].get("mlflow_run_id")
+    if final is None or not producer:
+        return None
+    name = cfg.tracking.register_model or f"posttrain-{cfg.name}{'-smoke' if smoke else ''}"
+    version = tracker_for(ctx).register_model(name, producer, "model", {
+        "posttrain.stage": final["stage"], "posttrain.output_digest": summary["final_model"]["digest"],
+        "posttrain.output_path": summary["final_model"]["path"], "posttrain.flow_run_id": summary["flow_run_id"],
+        "posttrain.mlflow_parent_run_id": summary["mlflow_parent_run_id"], "posttrain.code_version": ctx.code_version,
+        "posttrain.recipe": cfg.name,
+    })
+    return f"models:/{name}/{version}" if version else None
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
 
 
 def _report(summary: dict, rl_curves: dict, paths: dict[str, Path], ctx: RunContext) -> str | None:

@@ -25,6 +25,8 @@ def prepare_environment(state_dir: str | None = None, quiet: bool = True) -> Pat
         "PREFECT_HOME": str(root / "prefect"),
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the temporary local API server can take > 20 s to start on a loaded 2-core machine
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
         "TOKENIZERS_PARALLELISM": "false",

@@ -29,6 +29,7 @@ class RunContext(BaseModel):
     parent_run_id: str | None = None
     code_version: str = "unknown"
     recipe: str = ""
+    resumed_from: str | None = None
 
 
 class StageResult(BaseModel):
@@ -101,6 +102,7 @@ def lineage_tags(ctx: RunContext, stage: str, cache_key: str, inputs: dict[str, 
         "posttrain.prefect_flow_run_id": flow_id,
         "posttrain.prefect_task_run_id": task_id,
         "posttrain.cached": str(cached).lower(),
+        **({"posttrain.resumed_from_run": ctx.resumed_from} if ctx.resumed_from else {}),
     }
 
 

@@ -210,3 +210,73 @@ def download_model_version(tracking_uri: str, uri: str, dst: str) -> str:
 
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+
+
+class RunReader:
+    """Read-only access to the store for `posttrain lineage`: plain dicts out, and errors raised.
+
+    Unlike `Tracker` (which must never fail a stage), a reader wants to hear that the store is down.
+    It never creates an experiment or writes anything.
+    """
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def run(self, run_id: str) -> dict | None:
+        """A run as {run_id, name, status, tags, params, artifact_uri, start_time, datasets}; None if absent."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            r = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return _run_dict(r)
+
+    def search(self, filter_string: str, max_results: int = 1000) -> list[dict]:
+        """Runs of every experiment matching an MLflow filter, oldest first."""
+        ids = [e.experiment_id for e in self.client.search_experiments()]
+        if not ids:
+            return []
+        runs = self.client.search_runs(ids, filter_string, max_results=max_results, order_by=["attributes.start_time ASC"])
+        return [_run_dict(r) for r in runs]
+
+    def model_version(self, name: str, version: str) -> dict | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, version)
+        except MlflowException:
+            return None
+        return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
+                "tags": dict(mv.tags or {})}
+
+    def artifact_dir(self, run_id: str, artifact_path: str) -> Path | None:
+        """A local directory holding a run's logged artifact dir (the store's own copy when it is local)."""
+        from urllib.parse import unquote, urlparse
+
+        import mlflow
+
+        run = self.client.get_run(run_id)
+        uri = run.info.artifact_uri
+        if uri.startswith("file:"):
+            p = Path(unquote(urlparse(uri).path)) / artifact_path
+            return p if p.is_dir() else None
+        try:
+            dst = tempfile.mkdtemp(prefix="posttrain-lineage-")
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                            dst_path=dst, tracking_uri=self.uri))
+        except Exception:  # noqa: BLE001 - no copy to compare with: the caller names the directory instead
+            return None
+
+
+def _run_dict(r) -> dict:
+    return {
+        "run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+        "experiment_id": r.info.experiment_id, "start_time": r.info.start_time,
+        "artifact_uri": r.info.artifact_uri, "tags": dict(r.data.tags), "params": dict(r.data.params),
+        "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest, "source": d.dataset.source}
+                     for d in (r.inputs.dataset_inputs if r.inputs else [])],
+    }
