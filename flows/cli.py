@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml from this process")
     serve.add_argument("--only", action="append", default=None, metavar="NAME", help="serve only this one (repeatable)")
     serve.add_argument("--interval", type=float, default=None, metavar="SECONDS",
-                       help="replace every schedule (r1-nightly's cron) with this interval (tests, demos)")
+                       help="run every served deployment on this interval instead of its schedule "
+                            "(r1-nightly's cron; on-demand ones get one too): tests, demos")
     serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: stages share the CPU)")
     _add_common(serve)
     return parser
@@ -176,7 +177,7 @@ def _runs(args) -> int:
     table = Table(*RUN_KEYS, title=f"runs in {resolve_state_dir(args.state_dir)}")
     for r in records:
         table.add_row(*("" if r[k] is None else str(r[k]) for k in RUN_KEYS))
-    Console().print(table)
+    Console(width=max(Console().width, 150)).print(table)
     return 0
 
 

@@ -49,14 +49,14 @@ def select(deployments: list[dict], only: list[str] | None) -> list[dict]:
 def schedule_kwargs(d: dict, interval: float | None = None) -> dict[str, Any]:
     """`to_deployment` schedule arguments for one definition.
 
-    `interval` replaces the schedule of every scheduled deployment (tests make a nightly run fire in
-    seconds); unscheduled deployments stay on demand.
+    `interval` replaces the schedule of every served deployment and gives one to those that run on
+    demand (tests and demos: a nightly or smoke run fires within seconds).
     """
+    if interval is not None:
+        return {"interval": datetime.timedelta(seconds=interval)}
     schedules = d.get("schedules") or []
     if not schedules:
         return {}
-    if interval is not None:
-        return {"interval": datetime.timedelta(seconds=interval)}
     crons = [s for s in schedules if s.get("cron")]
     intervals = [s for s in schedules if s.get("interval")]
     if len(crons) + len(intervals) != len(schedules):

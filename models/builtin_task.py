@@ -68,11 +68,16 @@ def worked_text(question: str) -> str:
     return ", ".join(parts) + f", so the result is {evaluate(question)}."
 
 
-def make_problem(pid: str, question: str) -> Problem:
+# "qa" is the SFT/R1 prompt; "plain" is how expressions appear in the pretraining corpus, which is
+# what a base model that never saw the SFT format can answer (the R1-Zero recipe starts there).
+PROMPT_STYLES = {"qa": PROMPT_TEMPLATE, "plain": "{question}="}
+
+
+def make_problem(pid: str, question: str, prompt_style: str = "qa") -> Problem:
     return Problem(
         id=pid,
         question=question,
-        prompt=PROMPT_TEMPLATE.format(question=question),
+        prompt=PROMPT_STYLES[prompt_style].format(question=question),
         answer=str(evaluate(question)),
         solution=solution_for(question),
     )
@@ -114,7 +119,7 @@ def _unique_questions(
 
 
 def make_problems(
-    seed: int, n_train: int, n_test: int, min_operands: int = 3, max_operands: int = 6
+    seed: int, n_train: int, n_test: int, min_operands: int = 3, max_operands: int = 6, prompt_style: str = "qa"
 ) -> tuple[list[Problem], list[Problem]]:
     """Deterministic (train, test) splits for ``seed``, disjoint by question.
 
@@ -126,8 +131,8 @@ def make_problems(
     train_rng = random.Random(f"builtin-task/{seed}/train")
     test_q = _unique_questions(test_rng, n_test, set(), min_operands, max_operands)
     train_q = _unique_questions(train_rng, n_train, set(test_q), min_operands, max_operands)
-    test = [make_problem(f"test-{i:05d}", q) for i, q in enumerate(test_q)]
-    train = [make_problem(f"train-{i:05d}", q) for i, q in enumerate(train_q)]
+    test = [make_problem(f"test-{i:05d}", q, prompt_style) for i, q in enumerate(test_q)]
+    train = [make_problem(f"train-{i:05d}", q, prompt_style) for i, q in enumerate(train_q)]
     return train, test
 
 
@@ -218,4 +223,35 @@ def verify(prompt: str, completion: str, reference: str) -> float | None:
         else:
             return None
     got = extract_answer(completion)
+    return 1.0 if got is not None and int(got) == ref else 0.0
+
+
+_RESULT_IS_RE = re.compile(r"result is\s*([+\-\u2212]?\s*[0-9]+)")
+_LEADING_INT_RE = re.compile(r"^\s*([+\-\u2212]?\s*[0-9]+)")
+
+
+def extract_answer_lenient(completion: str) -> str | None:
+    """``extract_answer`` when the completion has an answer block; otherwise the answer a base
+    model gives in the pretraining corpus' styles: the last "result is N", else a leading integer
+    (``4-0+2-7=`` → ``-1``)."""
+    if isinstance(completion, bytes):
+        completion = completion.decode("utf-8", errors="replace")
+    if not isinstance(completion, str):
+        return None
+    if "<answer>" in completion:
+        return extract_answer(completion)
+    for pattern in (_RESULT_IS_RE, _LEADING_INT_RE):
+        hits = pattern.findall(completion)
+        if hits:
+            value = parse_int(hits[-1].replace(" ", ""))
+            return None if value is None else str(value)
+    return None
+
+
+def verify_lenient(prompt: str, completion: str, reference: str) -> float | None:
+    """``verify`` with ``extract_answer_lenient``: R1-Zero's correctness-only reward from a base."""
+    ref = parse_int(reference) if isinstance(reference, str) else None
+    if ref is None:
+        return None
+    got = extract_answer_lenient(completion)
     return 1.0 if got is not None and int(got) == ref else 0.0

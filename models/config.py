@@ -34,6 +34,8 @@ class TaskConfig(Strict):
     n_test: int = Field(256, ge=1, description="held-out problems; never seen in any training data")
     min_operands: int = Field(3, ge=2, description="fewest single-digit operands in a chain")
     max_operands: int = Field(6, ge=2, description="most single-digit operands in a chain")
+    prompt_style: Literal["qa", "plain"] = Field(
+        "qa", description="'qa': 'Q: 4-0+2\\nA:' (SFT/R1); 'plain': '4-0+2=' as in the pretraining corpus (R1-Zero)")
     pretrain_docs: int = Field(60000, ge=1, description="documents in the pretraining corpus")
     worked_fraction: float = Field(
         0.05, ge=0.0, le=1.0,

@@ -26,7 +26,8 @@ def builtin_dir(task: TaskConfig, datasets_root: Path) -> Path:
     blob = json.dumps(dict(task.model_dump(), version=builtin_task.TASK_VERSION), sort_keys=True)
     d = datasets_root / f"builtin-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if not (d / "test_problems.jsonl").exists():
-        train, test = builtin_task.make_problems(task.seed, task.n_train, task.n_test, task.min_operands, task.max_operands)
+        train, test = builtin_task.make_problems(task.seed, task.n_train, task.n_test, task.min_operands,
+                                                 task.max_operands, task.prompt_style)
         d.mkdir(parents=True, exist_ok=True)
         write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "completion": p.solution} for p in train], d / "sft_train.jsonl")
         write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in train],

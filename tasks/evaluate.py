@@ -29,7 +29,8 @@ def run_evaluation(model_path: str, problems: list[dict], config: dict) -> tuple
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    extract = builtin_task.extract_answer if config["reward"] == "builtin_task" else None
+    extract = {"builtin_task": builtin_task.extract_answer,
+               "builtin_task_lenient": builtin_task.extract_answer_lenient}.get(config["reward"])
     return evaluate(
         model, tokenizer, problems, get_reward(config["reward"]), extract,
         num_problems=config["num_problems"], k=config["k"], temperature=config["temperature"],

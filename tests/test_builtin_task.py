@@ -133,3 +133,22 @@ def test_extract_answer():
     assert extract_answer("<answer>5</answer><answer>6</answer>") is None
     assert extract_answer("<answer>\n7\n</answer>") == "7"
     assert TASK_VERSION == "1"
+
+
+def test_plain_prompt_style_and_lenient_verifier():
+    from models.builtin_task import extract_answer_lenient, make_problems, verify_lenient
+
+    _, test = make_problems(0, 5, 3, prompt_style="plain")
+    _, qa = make_problems(0, 5, 3)
+    assert [p.question for p in test] == [p.question for p in qa]  # same split, other prompt
+    assert test[0].prompt == f"{test[0].question}="
+    # a base continues "4-0+2-7=" with the answer, or works it out in the corpus' prose style
+    assert extract_answer_lenient("-1") == "-1"
+    assert extract_answer_lenient(" \u22121\n4+4=8") == "-1"  # unicode minus; later lines ignored
+    assert extract_answer_lenient("4-0 is 4, 4+2 is 6, 6-7 is -1, so the result is -1.") == "-1"
+    assert extract_answer_lenient("no digits here") is None
+    # an answer block, when present, is judged exactly as the strict verifier does
+    assert extract_answer_lenient("<answer>3</answer>") == "3"
+    assert extract_answer_lenient("<answer>3</answer><answer>4</answer>") is None
+    assert verify_lenient("", "12", "12") == 1.0 and verify_lenient("", "13", "12") == 0.0
+    assert verify_lenient("", "12", "twelve") is None

@@ -10,6 +10,7 @@ Built-in rewards (imported lazily, so importing this package does not pull in ma
 - ``format``: ``<think>…</think><answer>…</answer>`` shape (`models/rewards/format.py`)
 - ``code``: model-written Python + reference asserts in a sandbox (`models/rewards/code_sandbox.py`)
 - ``builtin_task``: the built-in task's verifier (`models/rewards/builtin.py`)
+- ``builtin_task_lenient``: the same, also judging answers given without the tags (R1-Zero from a base)
 
 What this is not: a place for learned reward models (those are trained by the reward_model stage).
 """
@@ -30,6 +31,7 @@ _LAZY: dict[str, str] = {
     "format": "models.rewards.format",
     "code": "models.rewards.code_sandbox",
     "builtin_task": "models.rewards.builtin",
+    "builtin_task_lenient": "models.rewards.builtin",
 }
 _REGISTRY: dict[str, RewardFn] = {}
 

@@ -17,8 +17,20 @@ logger = logging.getLogger(__name__)
 @register_reward("builtin_task")
 def builtin_task_reward(prompt: str, completion: str, reference: str) -> float | None:
     """``models.builtin_task.verify(prompt, completion, reference)`` as a float, None = unjudged."""
+    return _judge("verify", prompt, completion, reference)
+
+
+@register_reward("builtin_task_lenient")
+def builtin_task_lenient_reward(prompt: str, completion: str, reference: str) -> float | None:
+    """``models.builtin_task.verify_lenient``: also answers a base model gives in free form."""
+    return _judge("verify_lenient", prompt, completion, reference)
+
+
+def _judge(fn_name: str, prompt: str, completion: str, reference: str) -> float | None:
     try:
-        from models.builtin_task import verify
+        from models import builtin_task
+
+        verify = getattr(builtin_task, fn_name)
     except ImportError:
         logger.exception("models.builtin_task is not importable; builtin_task reward is None")
         return None

@@ -1,0 +1,346 @@
+"""Operations: deployments on a real Prefect server and a process worker, `posttrain serve` firing a
+schedule, `posttrain resume` of a SIGKILLed run, `posttrain runs`, `posttrain lineage` and its
+digest checks, and the disk-full message. Fast tests first; the flow-running ones are `slow`."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import runs
+from flows.failures import explain, is_disk_full
+from flows.serve import load_deployments, schedule_kwargs, select
+
+REPO = Path(__file__).resolve().parent.parent
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+R1_STAGES = ["fetch", "sft", "grpo", "sample", "filter", "refine"]
+
+
+def cli(*args, state_dir, check=True, env=None, **popen):
+    cmd = [sys.executable, "-m", "flows.cli", *args, "--state-dir", str(state_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def poll(predicate, deadline_s: float, what: str, every: float = 0.5, alive=None):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"{what}: the process exited ({alive.returncode}) first")
+        time.sleep(every)
+    pytest.fail(f"timed out after {deadline_s:.0f}s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def kill_recorded_flows(state_dir: Path) -> None:
+    """Flow processes a server or worker started (recorded by pid in the run records) and left behind."""
+    for r in runs.list_runs(state_dir, limit=1000) if (state_dir / "runs").exists() else []:
+        if r["status"] == "RUNNING" and r.get("pid"):
+            try:
+                os.kill(r["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def write_record(state: Path, flow_run_id: str, status: str, pid: int, **extra) -> None:
+    runs.record_start(state, flow_run_id, {"recipe": "r1", "overrides": [], "smoke": True, "state_dir": str(state),
+                                           "tracking_uri": None}, "mlflow-" + flow_run_id, "r1")
+    runs.update(state, flow_run_id, pid=pid, **extra)
+    if status != "RUNNING":
+        runs.update(state, flow_run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------- fast
+
+
+def test_prefect_yaml_names_every_recipe_and_the_nightly_cron():
+    ds = {d["name"]: d for d in load_deployments()}
+    assert set(ds) == {"r1", "r1-zero", "tulu3", "rlhf", "r1-smoke", "r1-nightly"}
+    assert all(d["work_pool"]["name"] == "posttrain-process" for d in ds.values())
+    assert ds["r1-smoke"]["parameters"] == {"recipe": "r1", "overrides": [], "smoke": True}
+    assert ds["r1-nightly"]["schedules"][0]["cron"] == "0 3 * * *"
+    assert schedule_kwargs(ds["r1"]) == {}
+    assert schedule_kwargs(ds["r1-nightly"])["schedules"][0].cron == "0 3 * * *"
+    assert schedule_kwargs(ds["r1-smoke"], interval=5)["interval"].total_seconds() == 5
+    assert [d["name"] for d in select(list(ds.values()), ["r1-smoke"])] == ["r1-smoke"]
+    with pytest.raises(ValueError, match="unknown deployment"):
+        select(list(ds.values()), ["nope"])
+
+
+def test_runs_json_lists_records_and_a_dead_pid_reads_crashed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_record(tmp_path, "aaa", "RUNNING", dead.pid, current_stage="sft")
+    write_record(tmp_path, "bbb", "COMPLETED", os.getpid())
+    out = json.loads(cli("runs", "--json", state_dir=tmp_path).stdout)
+    by_id = {r["flow_run_id"]: r for r in out}
+    assert set(out[0]) == {"flow_run_id", "mlflow_parent_run_id", "recipe", "status", "failed_stage", "started"}
+    assert by_id["aaa"]["status"] == "CRASHED" and by_id["aaa"]["failed_stage"] == "sft"
+    assert by_id["bbb"]["status"] == "COMPLETED" and by_id["bbb"]["mlflow_parent_run_id"] == "mlflow-bbb"
+    assert len(json.loads(cli("runs", "--json", "--limit", "1", state_dir=tmp_path).stdout)) == 1
+    assert "aaa" in cli("runs", state_dir=tmp_path).stdout
+
+
+def test_resume_refuses_running_completed_and_unknown_runs(tmp_path):
+    write_record(tmp_path, "alive", "RUNNING", os.getpid())  # this very process: alive
+    write_record(tmp_path, "done", "COMPLETED", os.getpid())
+    p = cli("resume", "alive", state_dir=tmp_path, check=False)
+    assert p.returncode == 2 and "still running" in p.stderr
+    p = cli("resume", "mlflow-done", state_dir=tmp_path, check=False)  # by MLflow parent run id
+    assert p.returncode == 2 and "COMPLETED" in p.stderr and "--force" in p.stderr
+    p = cli("resume", "nope", state_dir=tmp_path, check=False)
+    assert p.returncode == 2 and "no run 'nope'" in p.stderr
+
+
+def test_disk_full_is_recognised_and_explained(tmp_path):
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from e
+    except RuntimeError as wrapped:
+        assert is_disk_full(wrapped)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    msg = explain(OSError(errno.ENOSPC, "No space left on device"), tmp_path, "f-123", "sft")
+    assert "stage 'sft'" in msg and f"posttrain resume f-123 --state-dir {tmp_path}" in msg and str(tmp_path) in msg
+
+
+def test_cli_turns_enospc_in_the_flow_into_advice(tmp_path, monkeypatch, capsys):
+    from flows import cli as cli_mod
+
+    def post_train(**params):  # the flow records its start, then a stage hits a full disk
+        runs.record_start(tmp_path, "flow-1", params, "parent-1", "r1")
+        runs.record_end(tmp_path, "flow-1", "FAILED", "OSError: [Errno 28] No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(sys.modules, "flows.post_train", types.SimpleNamespace(post_train=post_train))
+    monkeypatch.setitem(sys.modules, "flows.report", types.SimpleNamespace(print_table=print))
+    rc = cli_mod.execute_flow({"recipe": "r1", "state_dir": str(tmp_path)}, None, None)
+    err = capsys.readouterr().err
+    assert rc == 3 and "disk is full" in err and "posttrain resume flow-1" in err
+
+
+# ---------------------------------------------------------------------------------------- slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on loopback with its own home and database."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL="", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        poll(lambda: _get_json(f"{api}/health") is True, 180, "the Prefect server's /api/health", alive=proc)
+        client_env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home / "client"), "POSTTRAIN_REPO": str(REPO)}
+        yield {"api": api, "env": client_env, "home": home}
+    finally:
+        kill_group(proc)
+        log.close()
+
+
+def prefect(*args, env, timeout=300):
+    p = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=dict(os.environ, **env),
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"prefect {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def _mlflow_runs(state: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("posttrain")
+    return client, exp.experiment_id
+
+
+@pytest.mark.slow
+def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
+    env, state = prefect_server["env"], tmp_path / "state"
+    prefect("work-pool", "create", "posttrain-process", "--type", "process", env=env)
+    prefect("--no-prompt", "deploy", "--name", "r1-smoke", "--prefect-file", "deployments/prefect.yaml", env=env)
+    out = prefect("deployment", "run", "post-train/r1-smoke", "--param", f"state_dir={state}", env=env)
+    flow_run_id = UUID.search(out).group(0)
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process"],
+                              cwd=tmp_path, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        def final_state():
+            fr = _get_json(f"{prefect_server['api']}/flow_runs/{flow_run_id}")
+            kind = fr and fr["state"] and fr["state"]["type"]
+            return kind if kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        assert poll(final_state, 600, "the worker's flow run to finish", every=2, alive=worker) == "COMPLETED", \
+            (tmp_path / "worker.log").read_text()[-5000:]
+    finally:
+        kill_group(worker)
+        log.close()
+        kill_recorded_flows(state)
+    client, exp_id = _mlflow_runs(state)
+    (parent,) = client.search_runs([exp_id], f"tags.`posttrain.prefect_flow_run_id` = '{flow_run_id}' "
+                                             "and tags.`posttrain.kind` = 'flow'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["posttrain.smoke"] == "true"
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert set(R1_STAGES) <= {c.data.tags["posttrain.stage"] for c in children}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert runs.find_run(state, flow_run_id)["status"] == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_serve_fires_a_scheduled_run(prefect_server, tmp_path):
+    state = tmp_path / "state"
+    proc = cli("serve", "--only", "r1-smoke", "--interval", "5", state_dir=state, env=prefect_server["env"],
+               stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rec = poll(lambda: (runs.list_runs(state, 1) if (state / "runs").exists() else None), 240,
+                   "a scheduled run's record", alive=proc)[0]
+        assert rec["recipe"] == "r1" and rec["parameters"]["smoke"] is True
+        assert rec["parameters"]["state_dir"] == str(state.resolve())
+        fr = _get_json(f"{prefect_server['api']}/flow_runs/{rec['flow_run_id']}")
+        assert fr["auto_scheduled"] is True  # fired by the schedule, not by hand
+        client, exp_id = _mlflow_runs(state)
+        assert client.get_run(rec["mlflow_parent_run_id"]).data.tags["posttrain.kind"] == "flow"
+    finally:
+        kill_group(proc)
+        kill_recorded_flows(state)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted smoke run of r1: the metrics a resumed run must match, and a lineage subject."""
+    state = tmp_path_factory.mktemp("reference")
+    cli("run", "--smoke", "--no-progress", "--summary-json", str(state / "summary.json"), state_dir=state)
+    return {"state": state, "summary": json.loads((state / "summary.json").read_text())}
+
+
+def _sft_steps_logged(state: Path) -> int:
+    wd = sorted((state / "work").glob("sft-*")) if (state / "work").exists() else []
+    metrics = wd[0] / "metrics.jsonl" if wd else None
+    return len(metrics.read_text().splitlines()) if metrics and metrics.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigkilled_run_shows_crashed_and_resume_finishes_it(reference, tmp_path):
+    state = tmp_path / "state"
+    proc = cli("run", "--smoke", "--no-progress", state_dir=state, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # past SFT's step-10 checkpoint, before its end (30 steps)
+        poll(lambda: _sft_steps_logged(state) >= 13, 600, "SFT step 13", every=0.2, alive=proc)
+    finally:
+        kill_group(proc, signal.SIGKILL)
+    (crashed,) = json.loads(cli("runs", "--json", state_dir=state).stdout)
+    assert crashed["status"] == "CRASHED" and crashed["failed_stage"] == "sft"
+    old = crashed["flow_run_id"]
+
+    cli("resume", old, "--no-progress", "--summary-json", str(tmp_path / "s.json"), state_dir=state)
+    s = json.loads((tmp_path / "s.json").read_text())
+    by = {st["stage"]: st for st in s["stages"]}
+    assert by["fetch"]["cached"] is True
+    assert by["sft"]["cached"] is False and by["sft"]["resumed_from_step"] > 0
+    ref = {st["stage"]: st for st in reference["summary"]["stages"]}
+    assert list(by) == list(ref) == R1_STAGES
+    for stage in R1_STAGES:
+        assert by[stage]["output"]["digest"] == ref[stage]["output"]["digest"], stage
+        assert by[stage]["metrics"] == ref[stage]["metrics"], stage
+    assert s["final_model"]["digest"] == reference["summary"]["final_model"]["digest"]
+    client, _ = _mlflow_runs(state)
+    assert client.get_run(s["mlflow_parent_run_id"]).data.tags["posttrain.resumed_from_run"] == old
+    records = {r["flow_run_id"]: r for r in json.loads(cli("runs", "--json", state_dir=state).stdout)}
+    assert records[s["flow_run_id"]]["status"] == "COMPLETED" and records[old]["status"] == "CRASHED"
+
+
+@pytest.mark.slow
+def test_lineage_walks_the_final_model_back_to_fetch(reference):
+    state, summary = reference["state"], reference["summary"]
+    assert summary["registered_model"]
+    text = cli("lineage", summary["registered_model"], state_dir=state).stdout
+    for stage in R1_STAGES:
+        assert f". {stage}  mlflow run" in text
+    assert "all recorded digests match" in text
+    chain = json.loads(cli("lineage", summary["registered_model"], "--json", state_dir=state).stdout)
+    stages = [s["stage"] for s in chain["stages"]]
+    assert stages[0] == "fetch" and stages[-1] == "refine" and sorted(stages) == sorted(R1_STAGES)
+    ref = {st["stage"]: st for st in summary["stages"]}
+    for s in chain["stages"]:
+        assert s["output_digest"] == ref[s["stage"]]["output"]["digest"]
+        assert s["mlflow_run_id"] == ref[s["stage"]]["mlflow_run_id"]
+        assert s["cache_key"] == ref[s["stage"]]["cache_key"] and s["code_version"]
+        assert s["prefect_flow_run_id"] == summary["flow_run_id"] and s["prefect_task_run_id"]
+    sft = next(s for s in chain["stages"] if s["stage"] == "sft")
+    assert any(i["kind"] == "dataset" and i["digest"].startswith("sha256:") for i in sft["inputs"])
+    # every other way in reaches the same chain
+    for start in (summary["final_model"]["path"], summary["final_model"]["digest"], summary["mlflow_parent_run_id"],
+                  summary["flow_run_id"]):
+        again = json.loads(cli("lineage", start, "--json", state_dir=state).stdout)
+        assert [s["mlflow_run_id"] for s in again["stages"]] == [s["mlflow_run_id"] for s in chain["stages"]], start
+
+
+@pytest.mark.slow
+def test_lineage_fails_naming_the_stage_and_file_of_a_tampered_checkpoint(reference):
+    state, summary = reference["state"], reference["summary"]
+    sft_out = Path(next(st for st in summary["stages"] if st["stage"] == "sft")["output"]["path"])
+    weights = sft_out / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+        p = cli("lineage", summary["registered_model"], state_dir=state, check=False)
+        assert p.returncode == 1
+        assert "stage 'sft'" in p.stderr and str(weights) in p.stderr
+        assert "stage 'refine'" not in p.stderr  # only the tampered link is reported
+    finally:
+        weights.write_bytes(original)
