@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from models.ppo_config import PPOConfig
 from models.pref_config import DPOConfig, RewardModelConfig
 from models.rl_config import GRPOConfig
 from models.sample_filter_config import FilterConfig, SampleConfig
@@ -115,6 +116,7 @@ class RecipeConfig(Strict):
     reward_model: RewardModelConfig | None = None
     dpo: DPOConfig | None = None
     grpo: GRPOConfig | None = None
+    ppo: PPOConfig | None = None
     sample: SampleConfig | None = Field(None, description="rejection sampling: N scored candidates per prompt")
     filter: FilterConfig | None = Field(None, description="which samples become refine data (models/filters.py)")
     refine: SFTConfig | None = Field(None, description="SFT on the filtered samples (dataset: samples)")
@@ -144,7 +146,7 @@ class RecipeConfig(Strict):
 
 # Stage name -> what kind of thing it does; later issues add rl/sample/filter stages here.
 STAGE_KINDS = {"fetch": "checkpoint", "sft": "checkpoint", "reward_model": "reward_model", "dpo": "checkpoint",
-               "grpo": "checkpoint", "sample": "dataset", "filter": "dataset", "refine": "checkpoint"}
+               "grpo": "checkpoint", "ppo": "checkpoint", "sample": "dataset", "filter": "dataset", "refine": "checkpoint"}
 
 
 class RecipeError(ValueError):

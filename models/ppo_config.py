@@ -52,7 +52,7 @@ class PPOConfig(TrainConfig):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"builtin_task": 1.0},
         description="verifier rewards from models.rewards with their weights (as GRPO's `rewards`); "
-        "may be empty when a reward model gives the score",
+        "may be empty when a reward model gives the score (train_ppo checks that something scores)",
     )
     reward_model: str | None = Field(
         None,
@@ -153,8 +153,6 @@ class PPOConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if not self.rewards and not self.reward_model:
-            raise ValueError("rewards is empty and no reward_model is set: nothing would score the completions")
         if self.ppo_epochs > 1 and (self.max_steps % self.ppo_epochs or self.save_every % self.ppo_epochs):
             raise ValueError(
                 f"ppo_epochs ({self.ppo_epochs}) must divide max_steps ({self.max_steps}) and save_every "

@@ -21,6 +21,7 @@ from tasks.progress import reporter
 RECIPES = {
     "sft": "models.recipes.sft:train_sft",
     "grpo": "models.recipes.grpo:train_grpo",
+    "ppo": "models.recipes.ppo:train_ppo",
     "dpo": "models.recipes.dpo:train_dpo",
     "reward_model": "models.recipes.reward_model:train_reward_model",
 }

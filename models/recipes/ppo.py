@@ -312,6 +312,9 @@ def train_ppo(spec: dict, on_log=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = PPOConfig.model_validate(spec["config"])
+    rm_path = spec.get("reward_model_path") or cfg.reward_model
+    if not cfg.rewards and not rm_path:
+        raise ValueError("config.rewards is empty and no reward model is given: nothing would score the completions")
     workdir = Path(spec["workdir"])
     prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
     if prompts_path is None:
@@ -330,7 +333,6 @@ def train_ppo(spec: dict, on_log=None) -> dict:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
         ref_model.eval().requires_grad_(False)
     reward_scorer = None
-    rm_path = spec.get("reward_model_path") or cfg.reward_model
     if rm_path:
         from models.recipes.reward_model import load_reward_scorer
 
