@@ -31,7 +31,9 @@ from typing import Any, Callable
 
 import torch
 
-from models.config import TrainConfig, deepspeed_config
+from models.train_config import TrainConfig
+
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
 
 
 @dataclass
@@ -87,6 +89,29 @@ def _rank_world() -> tuple[int, int]:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def deepspeed_config(train: TrainConfig) -> dict:
+    """The DeepSpeed JSON named by the stage, merged with the stage's batch/precision settings."""
+    p = Path(train.deepspeed)
+    if not p.is_absolute() and not p.exists():
+        p = DEEPSPEED_DIR / train.deepspeed
+    if not p.exists():
+        raise FileNotFoundError(f"deepspeed config {train.deepspeed}: not found (looked in {DEEPSPEED_DIR})")
+    cfg = json.loads(p.read_text())
+    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    cfg["gradient_accumulation_steps"] = train.grad_accum
+    cfg["train_batch_size"] = train.batch_size
+    cfg["gradient_clipping"] = train.max_grad_norm
+    cfg.setdefault("steps_per_print", 10**9)
+    if train.zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = train.zero_stage
+    if train.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    else:
+        cfg.pop("bf16", None)
+        cfg.pop("fp16", None)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -32,7 +32,12 @@ def _strip(obj):
 # Our own packages: a stage's code version covers the modules of these that it imports.
 OWN_PACKAGES = ("models", "data_contracts", "tasks")
 # Modules that only record or display (MLflow, progress): they cannot change what a stage computes.
-BOOKKEEPING_MODULES = frozenset({"tasks.tracking", "tasks.progress"})
+# Config modules are schemas: every value they resolve to is in the key already (the resolved
+# stage config), so editing one (a new stage's section) must not invalidate finished stages.
+BOOKKEEPING_MODULES = frozenset({
+    "tasks.tracking", "tasks.progress", "models.config", "models.train_config", "models.rl_config",
+    "models.pref_config", "models.ppo_config", "models.sample_filter_config",
+})
 
 
 def _module_file(name: str) -> Path | None:

@@ -19,7 +19,7 @@ def test_same_inputs_same_key():
 
 def test_changes_that_matter_change_the_key():
     base = key()
-    assert key(cfg=resolved(load_recipe("r1", ["sft.lr=1e-3"]).sft)) != base
+    assert key(cfg=resolved(load_recipe("r1", ["sft.lr=2e-3"]).sft)) != base
     assert key(cfg=resolved(load_recipe("r1", ["sft.seed=1"]).sft)) != base
     assert key(inputs={"model": REF.model_copy(update={"digest": "sha256:bbb"}), "dataset": DATA}) != base
     assert key(inputs={"model": REF, "dataset": DATA.model_copy(update={"digest": "sha256:eee"})}) != base
