@@ -2,8 +2,8 @@
 
 Field names follow TRL's `PPOConfig` where one exists (`kl_coef`, `cliprange`, `cliprange_value`,
 `vf_coef`, `gamma`, `lam`, `whiten_rewards` -> `whiten_advantages`, `num_ppo_epochs` ->
-`ppo_epochs`, `kl_estimator`), the sampling fields are named as in `GRPOConfig`
-(`models/rl_config.py`), and every default cites the paper or peer it comes from.
+`ppo_epochs`, `kl_estimator`), the sampling, reward and batch fields are shared with `GRPOConfig`
+(`RolloutConfig` in `models/rl_config.py`), and every default cites the paper or peer it comes from.
 
 The global batch of a step is `num_prompts * num_generations` completions; `batch_size` is derived
 from those two and may only be given when it agrees (as for GRPO).
@@ -11,48 +11,25 @@ from those two and may only be given when it agrees (as for GRPO).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from models.builtin_task import STOP_STRINGS
-from models.train_config import TrainConfig
+from models.rl_config import RolloutConfig
 
 
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutConfig):
     """PPO for language models (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022): a per-token
     reward of -kl_coef * KL(pi || pi_ref) plus the sequence score at the last token, GAE advantages
     from a value head that shares the policy's backbone, and the clipped policy and value losses."""
 
-    prompts: str = Field(
-        "builtin",
-        description="'builtin' (the built-in task's train split) or a problems file with columns "
-        "id, prompt, answer (.jsonl/.parquet); resolved to `prompts_path` by the task layer",
-    )
-    num_prompts: int = Field(16, ge=1, description="prompts per rollout batch (as GRPO's default, prototype)")
+    # Empty `rewards` is allowed: a reward model may give the score (train_ppo checks that something scores).
+    rewards_required = False
+
     num_generations: int = Field(
         4, ge=1,
         description="completions sampled per prompt (TRL PPO samples 1; 1-4 are sensible: PPO needs no "
         "group, more samples per prompt only lower the variance of the batch)",
-    )
-    max_new_tokens: int = Field(
-        72, ge=1,
-        description="completion budget (TRL `response_length`); 72 fits the built-in task's solutions",
-    )
-    temperature: float = Field(
-        1.0, gt=0,
-        description="sampling temperature (OpenRLHF default 1.0; TRL's 0.7 makes the sampler and the "
-        "trained distribution differ unless log-probs are tempered too, which we do); the policy, "
-        "reference and old log-probs are all taken under softmax(logits / temperature)",
-    )
-    stop_strings: list[str] = Field(
-        default_factory=lambda: list(STOP_STRINGS),
-        description="generation stops after any of these (built-in task: '</answer>'), and on EOS",
-    )
-    rewards: dict[str, float] = Field(
-        default_factory=lambda: {"builtin_task": 1.0},
-        description="verifier rewards from models.rewards with their weights (as GRPO's `rewards`); "
-        "may be empty when a reward model gives the score (train_ppo checks that something scores)",
     )
     reward_model: str | None = Field(
         None,
@@ -93,63 +70,11 @@ class PPOConfig(TrainConfig):
         description="the value head's lr is lr * this (OpenRLHF trains its separate critic at ~18x the "
         "actor's lr: 9e-6 vs 5e-7); the shared backbone keeps lr",
     )
-    rollout_batch_size: int = Field(
-        128, ge=1,
-        description="sequences decoded at once; part of what fixes the rollouts of a seed",
-    )
-    log_rollouts: int = Field(
-        2, ge=0, description="prompts whose completions are written to rollouts.jsonl on save steps"
-    )
-    # Defaults of TrainConfig fields that differ for PPO.
-    lr: float = Field(
-        3e-5, gt=0,
-        description="peak learning rate (GRPO prototype 3e-5 on the built-in 1.8M model; see the PPO "
-        "recipe report for the PPO measurement)",
-    )
-    max_steps: int = Field(60, ge=1, description="optimizer steps (as GRPO)")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL on-policy trainers: 0)")
-    lr_schedule: Literal["cosine", "constant"] = Field("constant", description="after warm-up (as GRPO)")
-    save_every: int = Field(10, ge=1, description="checkpoint (and rollout sample) every N steps")
+    # Defaults of RolloutConfig fields that differ for PPO.
     batch_size: int = Field(64, ge=1, description="derived: num_prompts * num_generations (give it only to assert it)")
     micro_batch_size: int = Field(
         64, ge=1, description="sequences per rank per micro-step; default batch_size / world_size"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _derive_batch(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        fields = cls.model_fields
-        n_prompts = data.get("num_prompts", fields["num_prompts"].default)
-        g = data.get("num_generations", fields["num_generations"].default)
-        if not (isinstance(n_prompts, int) and isinstance(g, int)):
-            return data  # field validation reports the bad type
-        derived = n_prompts * g
-        given = data.get("batch_size")
-        if given is None:
-            data["batch_size"] = derived
-        elif given != derived:
-            raise ValueError(
-                f"batch_size ({given}) must equal num_prompts × num_generations ({n_prompts} × {g} = "
-                f"{derived}); leave batch_size out to derive it"
-            )
-        if data.get("micro_batch_size") is None:
-            world = data.get("world_size", 1)
-            world = world if isinstance(world, int) and world > 0 else 1
-            data["micro_batch_size"] = max(1, derived // world)
-        return data
-
-    @field_validator("rewards")
-    @classmethod
-    def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
-        from models.rewards import REWARD_NAMES
-
-        unknown = sorted(set(v) - set(REWARD_NAMES))
-        if unknown:
-            raise ValueError(f"unknown reward(s) {unknown}; known: {list(REWARD_NAMES)}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -63,6 +63,10 @@ class PreferenceDataConfig(TrainConfig):
         description="tokens of prompt + completion (TRL `max_length`, default 1024; 160 fits the built-in "
         "task as in SFTConfig). Longer completions are cut; a pair whose prompt leaves no room is dropped",
     )
+    # Defaults of TrainConfig fields that differ for both preference stages.
+    batch_size: int = Field(32, ge=1, description="pairs per optimizer step (each is 2 sequences)")
+    micro_batch_size: int = Field(32, ge=1, description="pairs per rank per micro-step")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL/TrainingArguments default 0)")
 
 
 class DPOConfig(PreferenceDataConfig):
@@ -90,9 +94,6 @@ class DPOConfig(PreferenceDataConfig):
         "for DPO itself",
     )
     max_steps: int = Field(48, ge=1, description="optimizer steps (3 epochs of 512 pairs at 32 a step; TRL 3 epochs)")
-    batch_size: int = Field(32, ge=1, description="pairs per optimizer step (each is 2 sequences)")
-    micro_batch_size: int = Field(32, ge=1, description="pairs per rank per micro-step")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL/TrainingArguments default 0)")
     save_every: int = Field(16, ge=1, description="checkpoint every N steps (once an epoch at the defaults)")
 
     @model_validator(mode="after")
@@ -117,7 +118,4 @@ class RewardModelConfig(PreferenceDataConfig):
         "for the tiny model",
     )
     max_steps: int = Field(16, ge=1, description="optimizer steps (one epoch of 512 pairs at 32 a step; TRL 1 epoch)")
-    batch_size: int = Field(32, ge=1, description="pairs per optimizer step (each is 2 sequences)")
-    micro_batch_size: int = Field(32, ge=1, description="pairs per rank per micro-step")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TrainingArguments default 0)")
     save_every: int = Field(8, ge=1, description="checkpoint every N steps")

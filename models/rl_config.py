@@ -1,4 +1,5 @@
-"""Typed configs of the RL stages (GRPO).
+"""Typed configs of the RL stages: `RolloutConfig`, the sampling and batch fields shared by the
+on-policy stages, and GRPO (PPO extends the same base in `models/ppo_config.py`).
 
 Field names follow TRL's `GRPOConfig` where one exists (`num_generations`, `beta`, `epsilon`,
 `epsilon_high`, `scale_rewards`, `loss_type`, `max_completion_length` -> `max_new_tokens` as in our
@@ -10,7 +11,7 @@ derived from those two and may only be given when it agrees.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,9 +19,14 @@ from models.builtin_task import STOP_STRINGS
 from models.train_config import TrainConfig
 
 
-class GRPOConfig(TrainConfig):
-    """Group Relative Policy Optimization (DeepSeekMath, Shao et al. 2024) with the DAPO fixes
-    (Yu et al. 2025: clip-higher, token-mean loss, skipping groups without signal) as defaults."""
+class RolloutConfig(TrainConfig):
+    """What every on-policy stage shares (GRPO, PPO): the problems, how many completions a step
+    samples of each, the sampler settings, the verifier rewards, the rollout log, and the batch
+    derived as `num_prompts * num_generations`. Subclasses set `num_generations` (default and
+    minimum differ) and may allow empty `rewards` (`rewards_required`)."""
+
+    # False where something other than the verifiers may score (PPO's reward model).
+    rewards_required: ClassVar[bool] = True
 
     prompts: str = Field(
         "builtin",
@@ -28,62 +34,31 @@ class GRPOConfig(TrainConfig):
         "id, prompt, answer (.jsonl/.parquet); resolved to `prompts_path` by the task layer",
     )
     num_prompts: int = Field(
-        16, ge=1, description="prompts per optimizer step (prototype: 16 prompts x 8 samples, 1.5-1.9 s/step)"
+        16, ge=1,
+        description="prompts per optimizer step / rollout batch (prototype: 16 prompts x 8 samples, 1.5-1.9 s/step)",
     )
-    num_generations: int = Field(
-        8, ge=2,
-        description="G, completions sampled per prompt (TRL `num_generations`, default 8; a group of 1 "
-        "has no relative signal)",
-    )
+    num_generations: int
     max_new_tokens: int = Field(
         72, ge=1,
-        description="completion budget (TRL `max_completion_length`); 72 fits 6 steps of ~10 tokens plus "
-        "the answer of the built-in task (prototype)",
+        description="completion budget (TRL GRPO `max_completion_length`, PPO `response_length`); 72 fits 6 "
+        "steps of ~10 tokens plus the answer of the built-in task (prototype)",
     )
     temperature: float = Field(
         1.0, gt=0,
-        description="sampling temperature (TRL default 1.0); the training log-probs are taken under the "
-        "same temperature so that they are those of the sampled distribution",
-    )
-    top_p: float = Field(
-        1.0, gt=0, le=1,
-        description="nucleus sampling (TRL default 1.0). Below 1 the behaviour policy is truncated while "
-        "the trained log-probs are not (as in TRL): keep 1.0 unless you accept that bias",
+        description="sampling temperature (TRL GRPO and OpenRLHF default 1.0; TRL PPO's 0.7 makes the sampler "
+        "and the trained distribution differ unless log-probs are tempered too, which we do); the training "
+        "log-probs (policy, reference, old) are all taken under softmax(logits / temperature), those of the "
+        "sampled distribution",
     )
     stop_strings: list[str] = Field(
         default_factory=lambda: list(STOP_STRINGS),
         description="generation stops after any of these (built-in task: '</answer>'), and on EOS",
     )
-    beta: float = Field(
-        0.0, ge=0,
-        description="KL coefficient against the frozen start policy (k3 estimator). 0 loads no reference "
-        "model (TRL default 0.0, after DAPO and Dr. GRPO; the GRPO paper used 0.04)",
-    )
-    epsilon: float = Field(0.2, ge=0, description="lower clip of the ratio, 1 - epsilon (TRL `epsilon`, PPO 0.2)")
-    epsilon_high: float = Field(
-        0.28, ge=0, description="upper clip of the ratio, 1 + epsilon_high (DAPO clip-higher, Yu et al. 2025: 0.28)"
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group",
-        description="std used to scale advantages (TRL `scale_rewards`): 'group' (GRPO), 'batch', or "
-        "'none' (Dr. GRPO, Liu et al. 2025)",
-    )
-    loss_type: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = Field(
-        "token_mean",
-        description="loss aggregation (see models/losses.py): 'token_mean' over the global batch (DAPO, "
-        "TRL's 'dapo'), 'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO, divides "
-        "by max_new_tokens)",
-    )
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"builtin_task": 1.0},
-        description="reward names from models.rewards with their weights (TRL `reward_weights`); the "
-        "built-in task's verifier by default",
-    )
-    skip_zero_std_groups: bool = Field(
-        True,
-        description="groups whose G rewards are all equal get zero weight in the loss (they neither "
-        "count in the normaliser nor pull through the KL term; DAPO dynamic sampling without the "
-        "re-sampling). False keeps them with advantage 0",
+        description="verifier reward names from models.rewards with their weights (TRL `reward_weights`); "
+        "the built-in task's verifier by default. PPO: may be empty when a reward model gives the score "
+        "(train_ppo checks that something scores)",
     )
     rollout_batch_size: int = Field(
         128, ge=1,
@@ -91,14 +66,16 @@ class GRPOConfig(TrainConfig):
         "it changes the samples",
     )
     log_rollouts: int = Field(
-        2, ge=0, description="prompts whose G completions are written to rollouts.jsonl on save steps"
+        2, ge=0, description="prompts whose completions are written to rollouts.jsonl on save steps"
     )
-    # Defaults of TrainConfig fields that differ for GRPO.
+    # Defaults of TrainConfig fields that differ for the on-policy stages.
     lr: float = Field(
-        3e-5, gt=0, description="peak learning rate (prototype: 3e-5 gave +22 points pass@1; 2e-4 collapsed)"
+        3e-5, gt=0,
+        description="peak learning rate (GRPO prototype on the built-in 1.8M model: 3e-5 gave +22 points "
+        "pass@1, 2e-4 collapsed; see the PPO recipe report for the PPO measurement)",
     )
-    max_steps: int = Field(60, ge=1, description="optimizer steps (prototype plateaued after ~2 min)")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL GRPO default 0)")
+    max_steps: int = Field(60, ge=1, description="optimizer steps (GRPO prototype plateaued after ~2 min)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (TRL on-policy trainers, GRPO and PPO: 0)")
     lr_schedule: Literal["cosine", "constant"] = Field("constant", description="after warm-up (prototype)")
     save_every: int = Field(10, ge=1, description="checkpoint (and rollout sample) every N steps")
     batch_size: int = Field(
@@ -139,9 +116,54 @@ class GRPOConfig(TrainConfig):
     def _known_rewards(cls, v: dict[str, float]) -> dict[str, float]:
         from models.rewards import REWARD_NAMES  # cheap: reward modules load on first use
 
-        if not v:
+        if not v and cls.rewards_required:
             raise ValueError("at least one reward is needed")
         unknown = sorted(set(v) - set(REWARD_NAMES))
         if unknown:
             raise ValueError(f"unknown reward(s) {unknown}; known: {list(REWARD_NAMES)}")
         return v
+
+
+class GRPOConfig(RolloutConfig):
+    """Group Relative Policy Optimization (DeepSeekMath, Shao et al. 2024) with the DAPO fixes
+    (Yu et al. 2025: clip-higher, token-mean loss, skipping groups without signal) as defaults."""
+
+    num_generations: int = Field(
+        8, ge=2,
+        description="G, completions sampled per prompt (TRL `num_generations`, default 8; a group of 1 "
+        "has no relative signal)",
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="nucleus sampling (TRL default 1.0). Below 1 the behaviour policy is truncated while "
+        "the trained log-probs are not (as in TRL): keep 1.0 unless you accept that bias",
+    )
+    beta: float = Field(
+        0.0, ge=0,
+        description="KL coefficient against the frozen start policy (k3 estimator). 0 loads no reference "
+        "model (TRL default 0.0, after DAPO and Dr. GRPO; the GRPO paper used 0.04)",
+    )
+    epsilon: float = Field(0.2, ge=0, description="lower clip of the ratio, 1 - epsilon (TRL `epsilon`, PPO 0.2)")
+    epsilon_high: float = Field(
+        0.28, ge=0, description="upper clip of the ratio, 1 + epsilon_high (DAPO clip-higher, Yu et al. 2025: 0.28)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="std used to scale advantages (TRL `scale_rewards`): 'group' (GRPO), 'batch', or "
+        "'none' (Dr. GRPO, Liu et al. 2025)",
+    )
+    loss_type: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="loss aggregation (see models/losses.py): 'token_mean' over the global batch (DAPO, "
+        "TRL's 'dapo'), 'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO, divides "
+        "by max_new_tokens)",
+    )
+    skip_zero_std_groups: bool = Field(
+        True,
+        description="groups whose G rewards are all equal get zero weight in the loss (they neither "
+        "count in the normaliser nor pull through the KL term; DAPO dynamic sampling without the "
+        "re-sampling). False keeps them with advantage 0",
+    )
+
+
+__all__ = ["RolloutConfig", "GRPOConfig"]

@@ -43,20 +43,20 @@ def pref_file(tmp_path_factory) -> Path:
     return out
 
 
-def dpo_spec(base, data, workdir, **over) -> dict:
+def _pref_spec(config_cls, base, data, workdir, **over) -> dict:
     cfg = dict(dataset="file", max_steps=2, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=1,
                lr_schedule="constant", max_seq_len=64)
     cfg.update(over)
-    return {"config": DPOConfig(**cfg).model_dump(), "base_path": str(base), "dataset_path": str(data),
+    return {"config": config_cls(**cfg).model_dump(), "base_path": str(base), "dataset_path": str(data),
             "workdir": str(workdir)}
+
+
+def dpo_spec(base, data, workdir, **over) -> dict:
+    return _pref_spec(DPOConfig, base, data, workdir, **over)
 
 
 def rm_spec(base, data, workdir, **over) -> dict:
-    cfg = dict(dataset="file", max_steps=2, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=1,
-               lr_schedule="constant", max_seq_len=64)
-    cfg.update(over)
-    return {"config": RewardModelConfig(**cfg).model_dump(), "base_path": str(base), "dataset_path": str(data),
-            "workdir": str(workdir)}
+    return _pref_spec(RewardModelConfig, base, data, workdir, **over)
 
 
 def _weights(path):

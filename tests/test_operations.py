@@ -154,6 +154,15 @@ def test_cli_turns_enospc_in_the_flow_into_advice(tmp_path, monkeypatch, capsys)
     assert rc == 3 and "disk is full" in err and "posttrain resume flow-1" in err
 
 
+def test_sqlalchemy_is_one_prefects_scheduler_can_use():
+    """Prefect 3.8.8's scheduler cannot insert scheduled runs with SQLAlchemy 2.1 (`InvalidRequestError:
+    Can't evaluate bulk DML statement`): no cron or interval schedule ever fires. Pin sqlalchemy<2.1."""
+    import sqlalchemy
+
+    major, minor = (int(x) for x in sqlalchemy.__version__.split(".")[:2])
+    assert (major, minor) < (2, 1), f"SQLAlchemy {sqlalchemy.__version__}: schedules never fire; pin sqlalchemy<2.1"
+
+
 # ---------------------------------------------------------------------------------------- slow
 
 

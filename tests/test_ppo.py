@@ -15,8 +15,8 @@ import torch
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
-from models.builtin_task import make_problems  # noqa: E402
-from models.engine import StepContext, read_metrics  # noqa: E402
+from helpers import accumulated_grads, build_half_solved_base, rl_spec  # noqa: E402
+from models.engine import read_metrics  # noqa: E402
 from models.heads import CausalLMWithValueHead  # noqa: E402
 from models.launch import run_training  # noqa: E402
 from models.ppo_config import PPOConfig  # noqa: E402
@@ -47,31 +47,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny base that half-solves 2-3 operand chains (150 full-batch SFT steps, ~2 s), so the
-    verifier's scores are mixed; a random init never closes an <answer> block."""
-    from models.tiny_model import build_tiny_model, save_hf
-    from models.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("ppo_base")
-    tok = build_tokenizer()
-    model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    train, _ = make_problems(0, 64, 8, 2, 3)
-    enc = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in train]
-    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
-    attn = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)], attn[i, : len(e)] = torch.tensor(e), 1
-    labels = ids.masked_fill(attn == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for _ in range(150):
-            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    save_hf(model, tok, root / "base")
-    problems = root / "problems.jsonl"
-    problems.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in train))
-    return {"base_path": str(root / "base"), "prompts_path": str(problems), "root": root}
+    verifier's scores are mixed (see helpers.build_half_solved_base)."""
+    return build_half_solved_base(tmp_path_factory.mktemp("ppo_base"))
 
 
 def small_config(**kw) -> dict:
@@ -82,8 +59,7 @@ def small_config(**kw) -> dict:
 
 
 def spec_for(base, workdir, **kw) -> dict:
-    return {"config": small_config(**kw), "base_path": base["base_path"],
-            "prompts_path": base["prompts_path"], "workdir": str(workdir)}
+    return rl_spec(base, workdir, small_config(**kw))
 
 
 def load_parts(base):
@@ -205,20 +181,8 @@ def test_micro_batches_sum_to_the_global_loss(base):
     batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg, ref_model=ref)(0)
     step = ppo_step_fn(cfg, tok.pad_token_id)
 
-    def grads(mbs):
-        model.zero_grad()
-        ga = len(batch) // mbs
-        total = {}
-        for m in range(ga):
-            ctx = StepContext(0, m, 0, 1, ga, batch, float(ga))
-            loss, metrics = step(model, batch[m * mbs : (m + 1) * mbs], ctx)
-            (loss / ga).backward()  # what engine.backward does with gradient_accumulation_steps = ga
-            for k, v in metrics.items():
-                total[k] = total.get(k, 0.0) + v
-        return [p.grad.clone() for p in model.parameters()], total
-
-    g_full, m_full = grads(16)
-    g_split, m_split = grads(4)
+    g_full, m_full = accumulated_grads(model, step, batch, 16)
+    g_split, m_split = accumulated_grads(model, step, batch, 4)
     for a, b in zip(g_full, g_split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # padding changes fp32 rounding
     assert m_full == pytest.approx(m_split, rel=1e-5, abs=1e-6)

@@ -28,45 +28,32 @@ or generation with an inference server.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.advantages import group_relative_advantages
-from models.config import deepspeed_config
-from models.engine import StepContext, latest_checkpoint_step, run_loop
+from models.engine import StepContext, run_loop
 from models.logprobs import entropy_from_logits, masked_sum, token_logprobs
 from models.losses import grpo_loss
+from models.recipes.rollout_common import (
+    load_causal_lm,
+    load_problems,
+    pad_token_id,
+    resolve_problems,
+    rollout_logger,
+    rollout_result,
+    rollout_seed,
+    sampling_policy,
+    truncate_rollout_log,
+    zero3_shadow,
+)
 from models.recipes.sft import EpochSampler, save_hf_dir
 from models.rewards import combine_rewards
 from models.rl_config import GRPOConfig
 from models.rollouts import SamplingParams, sample
 
 BATCH_STATS = ("reward_std", "frac_zero_std", "frac_unjudged")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_problems(path: str | os.PathLike) -> list[dict]:
-    """Validated problems as [{"id", "prompt", "answer"}] (the data contract names bad rows)."""
-    from data_contracts.io import read_table
-    from data_contracts.problems import validate_problems
-
-    df = validate_problems(read_table(path), str(path))
-    if df.empty:
-        raise ValueError(f"{path}: no problems")
-    return [{"id": str(r["id"]), "prompt": r["prompt"], "answer": str(r["answer"])} for r in df.to_dict("records")]
-
-
-def rollout_seed(seed: int, step: int) -> int:
-    """Sampling seed of a step: a pure function of (config seed, step), decorrelated across steps."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------- batch building
@@ -120,30 +107,6 @@ def make_items(rollouts, problems: list[dict], rewards: list, correct: list, cfg
             "stats": stats,
         })
     return items
-
-
-@contextlib.contextmanager
-def sampling_policy(model: torch.nn.Module, shadow: torch.nn.Module | None):
-    """The current policy with full parameters, for generation.
-
-    ZeRO 0-2 keep full parameters on every rank: sample from `model` itself. Under ZeRO-3 the
-    parameters are partitioned; gather them (every rank takes part) and copy them into `shadow`, a
-    plain copy of the architecture, so that generation runs without ZeRO's per-module fetch hooks
-    (which would all-gather on every decoding step). Restores train mode afterwards.
-    """
-    if shadow is None or not hasattr(next(model.parameters()), "ds_id"):
-        try:
-            yield model
-        finally:
-            model.train()
-        return
-    import deepspeed
-
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
-        for src, dst in zip(params, shadow.parameters()):
-            dst.copy_(src.data.view_as(dst))
-    yield shadow
 
 
 def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, shadow=None, on_batch=None):
@@ -281,65 +244,38 @@ def rollout_rows(step: int, items: list[dict], cfg: GRPOConfig) -> list[dict]:
     ]
 
 
-def truncate_rollout_log(path: Path, last_step: int) -> None:
-    """Drop rows of steps past the checkpoint we resume from: those steps are about to be redone."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- recipe
 
 
 def train_grpo(spec: dict, on_log=None) -> dict:
     """spec: config (GRPOConfig dict), base_path (HF dir of the start policy), prompts_path
     (problems file: id, prompt, answer), workdir. Returns the loop result plus rollouts_path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg = GRPOConfig.model_validate(spec["config"])
     workdir = Path(spec["workdir"])
-    prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
-    if prompts_path is None:
-        raise ValueError("train_grpo needs spec['prompts_path'] (the task layer resolves 'builtin')")
-    problems = load_problems(prompts_path)
+    problems = resolve_problems(spec, cfg, "train_grpo")
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
-    model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_causal_lm(spec["base_path"])
+    pad_id = pad_token_id(tokenizer)
 
-    zero_stage = deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0)
-    shadow = copy.deepcopy(model).requires_grad_(False) if zero_stage == 3 else None
-    ref_model = None
-    if cfg.beta > 0:  # the frozen start policy; never loaded for beta = 0
-        ref_model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
-        ref_model.eval().requires_grad_(False)
+    shadow = zero3_shadow(model, cfg)
+    # the frozen start policy; never loaded for beta = 0
+    ref_model = load_causal_lm(spec["base_path"], frozen=True) if cfg.beta > 0 else None
 
-    rank = int(os.environ.get("RANK", 0))
-    rollouts_path = workdir / "rollouts.jsonl"
-    if rank == 0 and not (workdir / "output" / ".complete").exists():
-        truncate_rollout_log(rollouts_path, latest_checkpoint_step(workdir / "checkpoints") or 0)
-
-    def log_batch(step: int, items: list[dict]) -> None:
-        if rank == 0 and should_log_rollouts(step, cfg):
-            workdir.mkdir(parents=True, exist_ok=True)
-            with open(rollouts_path, "a") as fh:
-                for row in rollout_rows(step, items, cfg):
-                    fh.write(json.dumps(row) + "\n")
-
+    rollouts_path, log_batch = rollout_logger(
+        workdir, lambda step: should_log_rollouts(step, cfg), lambda step, items: rollout_rows(step, items, cfg)
+    )
     global_batch = make_global_batch(model, tokenizer, problems, cfg, shadow=shadow, on_batch=log_batch)
     res = run_loop(
         model, cfg, workdir, global_batch, grpo_step_fn(cfg, pad_id, ref_model),
         save_hf_dir(tokenizer, spec["base_path"]), on_log=on_log,
     )
-    return {
-        "output_dir": res.output_dir, "final_step": res.final_step,
-        "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
-        "metrics_path": res.metrics_path, "last_metrics": res.last_metrics,
-        "rollouts_path": str(rollouts_path), "num_problems": len(problems),
-    }
+    return rollout_result(res, rollouts_path, problems)
 
 
-__all__ = ["train_grpo", "make_global_batch", "make_items", "grpo_step_fn", "rollout_seed", "load_problems"]
+__all__ = [
+    "train_grpo", "make_global_batch", "make_items", "grpo_step_fn", "rollout_seed", "load_problems",
+    "sampling_policy", "truncate_rollout_log",
+]

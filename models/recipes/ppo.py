@@ -31,23 +31,20 @@ from the policy, or generation with an inference server.
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from models.advantages import gae
-from models.config import deepspeed_config
-from models.engine import StepContext, latest_checkpoint_step, run_loop
+from models.engine import StepContext, run_loop
 from models.heads import CausalLMWithValueHead
 from models.kl import kl_estimate
 from models.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
 from models.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from models.ppo_config import PPOConfig
-from models.recipes.grpo import load_problems, rollout_seed, sampling_policy, truncate_rollout_log
+from models.recipes.rollout_common import (load_causal_lm, pad_token_id, resolve_problems, rollout_logger,
+                                           rollout_result, rollout_seed, sampling_policy, zero3_shadow)
 from models.recipes.sft import EpochSampler, save_hf_dir
 from models.rewards import combine_rewards
 from models.rollouts import SamplingParams, sample
@@ -152,12 +149,12 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
                       reward_scorer=None, shadow=None, on_batch=None):
     """`global_batch(step)` for run_loop. `model` is the CausalLMWithValueHead being trained,
     `ref_model` the frozen start policy (None: KL 0), `reward_scorer(prompts, completions)` a reward
-    model's scores, `shadow` a plain copy of `model` for ZeRO-3 (see grpo.sampling_policy)."""
+    model's scores, `shadow` a plain copy of `model` for ZeRO-3 (see rollout_common.sampling_policy)."""
     sampler = EpochSampler(len(problems), cfg.seed)
     reward_fn = combine_rewards(cfg.rewards) if cfg.rewards else None
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                             top_k=0, stop_strings=tuple(cfg.stop_strings))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     cache: dict = {}
 
     def build(rollout_index: int) -> list[dict]:
@@ -309,29 +306,22 @@ def train_ppo(spec: dict, on_log=None) -> dict:
     """spec: config (PPOConfig dict), base_path (HF dir of the start policy), prompts_path
     (problems file: id, prompt, answer), workdir, optional reward_model_path (a reward_model stage's
     output; overrides config.reward_model). Returns the loop result plus rollouts_path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg = PPOConfig.model_validate(spec["config"])
     rm_path = spec.get("reward_model_path") or cfg.reward_model
     if not cfg.rewards and not rm_path:
         raise ValueError("config.rewards is empty and no reward model is given: nothing would score the completions")
     workdir = Path(spec["workdir"])
-    prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
-    if prompts_path is None:
-        raise ValueError("train_ppo needs spec['prompts_path'] (the task layer resolves 'builtin')")
-    problems = load_problems(prompts_path)
+    problems = resolve_problems(spec, cfg, "train_ppo")
     torch.manual_seed(cfg.seed)  # fixes the value head's init
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
-    policy = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
-    model = CausalLMWithValueHead(policy)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = CausalLMWithValueHead(load_causal_lm(spec["base_path"]))
+    pad_id = pad_token_id(tokenizer)
 
-    zero_stage = deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0)
-    shadow = copy.deepcopy(model).requires_grad_(False) if zero_stage == 3 else None
-    ref_model = None
-    if cfg.kl_coef > 0:  # the frozen start policy
-        ref_model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
-        ref_model.eval().requires_grad_(False)
+    shadow = zero3_shadow(model, cfg)
+    # the frozen start policy
+    ref_model = load_causal_lm(spec["base_path"], frozen=True) if cfg.kl_coef > 0 else None
     reward_scorer = None
     if rm_path:
         from models.recipes.reward_model import load_reward_scorer
@@ -343,28 +333,14 @@ def train_ppo(spec: dict, on_log=None) -> dict:
         params = [{"params": list(model.pretrained_model.parameters())},
                   {"params": list(model.value_head.parameters()), "lr": cfg.lr * cfg.value_lr_multiplier}]
 
-    rank = int(os.environ.get("RANK", 0))
-    rollouts_path = workdir / "rollouts.jsonl"
-    if rank == 0 and not (workdir / "output" / ".complete").exists():
-        truncate_rollout_log(rollouts_path, latest_checkpoint_step(workdir / "checkpoints") or 0)
-
-    def log_batch(step: int, items: list[dict]) -> None:
-        if rank == 0 and should_log_rollouts(step, cfg):
-            workdir.mkdir(parents=True, exist_ok=True)
-            with open(rollouts_path, "a") as fh:
-                for row in rollout_rows(step, items, cfg):
-                    fh.write(json.dumps(row) + "\n")
-
+    rollouts_path, log_batch = rollout_logger(
+        workdir, lambda step: should_log_rollouts(step, cfg), lambda step, items: rollout_rows(step, items, cfg)
+    )
     global_batch = make_global_batch(model, tokenizer, problems, cfg, ref_model=ref_model,
                                      reward_scorer=reward_scorer, shadow=shadow, on_batch=log_batch)
     res = run_loop(model, cfg, workdir, global_batch, ppo_step_fn(cfg, pad_id),
                    save_policy_and_value_head(tokenizer, spec["base_path"]), on_log=on_log, params=params)
-    return {
-        "output_dir": res.output_dir, "final_step": res.final_step,
-        "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
-        "metrics_path": res.metrics_path, "last_metrics": res.last_metrics,
-        "rollouts_path": str(rollouts_path), "num_problems": len(problems),
-    }
+    return rollout_result(res, rollouts_path, problems)
 
 
 __all__ = ["train_ppo", "make_global_batch", "ppo_step_fn", "ppo_targets", "collate_ppo", "VALUE_HEAD_FILE"]

@@ -1,0 +1,144 @@
+"""What the on-policy recipes (GRPO, PPO) share: problems, rollout seeds, the policy to sample
+from under ZeRO-3, the models they load, and the rollouts.jsonl sample that a resume keeps exact.
+
+`models.recipes.grpo` re-exports the helpers it has always exported (`load_problems`,
+`rollout_seed`, `sampling_policy`, `truncate_rollout_log`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from models.engine import deepspeed_config, latest_checkpoint_step
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_problems(path: str | os.PathLike) -> list[dict]:
+    """Validated problems as [{"id", "prompt", "answer"}] (the data contract names bad rows)."""
+    from data_contracts.io import read_table
+    from data_contracts.problems import validate_problems
+
+    df = validate_problems(read_table(path), str(path))
+    if df.empty:
+        raise ValueError(f"{path}: no problems")
+    return [{"id": str(r["id"]), "prompt": r["prompt"], "answer": str(r["answer"])} for r in df.to_dict("records")]
+
+
+def resolve_problems(spec: dict, cfg, recipe: str) -> list[dict]:
+    """The problems of `spec['prompts_path']`, else of a `cfg.prompts` file ('builtin' is the task
+    layer's to resolve). `recipe` names the caller in the error."""
+    prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
+    if prompts_path is None:
+        raise ValueError(f"{recipe} needs spec['prompts_path'] (the task layer resolves 'builtin')")
+    return load_problems(prompts_path)
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """Sampling seed of a step: a pure function of (config seed, step), decorrelated across steps."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_causal_lm(path: str, frozen: bool = False):
+    """An HF causal LM in fp32; `frozen`: in eval mode without gradients (a reference policy)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def zero3_shadow(model: torch.nn.Module, cfg) -> torch.nn.Module | None:
+    """A frozen plain copy of `model` to sample from when cfg trains under ZeRO-3, else None."""
+    zero_stage = deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0)
+    return copy.deepcopy(model).requires_grad_(False) if zero_stage == 3 else None
+
+
+@contextlib.contextmanager
+def sampling_policy(model: torch.nn.Module, shadow: torch.nn.Module | None):
+    """The current policy with full parameters, for generation.
+
+    ZeRO 0-2 keep full parameters on every rank: sample from `model` itself. Under ZeRO-3 the
+    parameters are partitioned; gather them (every rank takes part) and copy them into `shadow`, a
+    plain copy of the architecture, so that generation runs without ZeRO's per-module fetch hooks
+    (which would all-gather on every decoding step). Restores train mode afterwards.
+    """
+    if shadow is None or not hasattr(next(model.parameters()), "ds_id"):
+        try:
+            yield model
+        finally:
+            model.train()
+        return
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+        for src, dst in zip(params, shadow.parameters()):
+            dst.copy_(src.data.view_as(dst))
+    yield shadow
+
+
+# ----------------------------------------------------------------------------- rollout log
+
+
+def truncate_rollout_log(path: Path, last_step: int) -> None:
+    """Drop rows of steps past the checkpoint we resume from: those steps are about to be redone."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def rollout_logger(
+    workdir: Path, should_log: Callable[[int], bool], rows: Callable[[int, list[dict]], list[dict]]
+) -> tuple[Path, Callable[[int, list[dict]], None]]:
+    """(rollouts_path, on_batch): rank 0 appends `rows(step, items)` to workdir/rollouts.jsonl on the
+    steps `should_log` picks. An unfinished run's log is first cut back to its latest checkpoint, so
+    that a resume rewrites exactly the rows an uninterrupted run would have written."""
+    rank = int(os.environ.get("RANK", 0))
+    rollouts_path = workdir / "rollouts.jsonl"
+    if rank == 0 and not (workdir / "output" / ".complete").exists():
+        truncate_rollout_log(rollouts_path, latest_checkpoint_step(workdir / "checkpoints") or 0)
+
+    def log_batch(step: int, items: list[dict]) -> None:
+        if rank == 0 and should_log(step):
+            workdir.mkdir(parents=True, exist_ok=True)
+            with open(rollouts_path, "a") as fh:
+                for row in rows(step, items):
+                    fh.write(json.dumps(row) + "\n")
+
+    return rollouts_path, log_batch
+
+
+def rollout_result(res, rollouts_path: Path, problems: list[dict]) -> dict:
+    """A recipe's return value: run_loop's result plus the rollout sample and problem count."""
+    return {
+        "output_dir": res.output_dir, "final_step": res.final_step,
+        "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
+        "metrics_path": res.metrics_path, "last_metrics": res.last_metrics,
+        "rollouts_path": str(rollouts_path), "num_problems": len(problems),
+    }
+
+
+__all__ = [
+    "load_problems", "resolve_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "zero3_shadow",
+    "sampling_policy", "truncate_rollout_log", "rollout_logger", "rollout_result",
+]

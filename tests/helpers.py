@@ -1,0 +1,65 @@
+"""Plain helpers shared by the RL recipe tests (test_grpo.py, test_ppo.py); tests/ is on sys.path
+(pytest's rootdir conftest), so test modules import this as `helpers`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def build_half_solved_base(root: Path) -> dict:
+    """A tiny base that already half-solves 2-3 operand chains, so verifier rewards vary.
+
+    A random init never closes an <answer> block (reward always 0, loss 0): nothing to test. 150
+    full-batch steps of plain-torch SFT (~1-2 s) give mixed rewards. Returns base_path (HF dir),
+    prompts_path (its training problems) and root.
+    """
+    from models.builtin_task import make_problems
+    from models.tiny_model import build_tiny_model, save_hf
+    from models.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    train, _ = make_problems(0, 64, 8, 2, 3)
+    enc = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in train]
+    ids = torch.full((len(enc), max(map(len, enc))), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)], attn[i, : len(e)] = torch.tensor(e), 1
+    labels = ids.masked_fill(attn == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(150):
+            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    save_hf(model, tok, root / "base")
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in train))
+    return {"base_path": str(root / "base"), "prompts_path": str(problems), "root": root}
+
+
+def rl_spec(base: dict, workdir, config: dict) -> dict:
+    """A recipe spec over the fixture base's policy and problems."""
+    return {"config": config, "base_path": base["base_path"], "prompts_path": base["prompts_path"],
+            "workdir": str(workdir)}
+
+
+def accumulated_grads(model, step, batch: list[dict], mbs: int):
+    """(grads, summed metrics) of `batch` split into micro-batches of `mbs` and accumulated as the
+    engine does (loss / gradient_accumulation_steps), with step = a recipe's step_fn."""
+    from models.engine import StepContext
+
+    model.zero_grad()
+    ga = len(batch) // mbs
+    total = {}
+    for m in range(ga):
+        ctx = StepContext(0, m, 0, 1, ga, batch, float(ga))
+        loss, metrics = step(model, batch[m * mbs : (m + 1) * mbs], ctx)
+        (loss / ga).backward()  # what engine.backward does with gradient_accumulation_steps = ga
+        for k, v in metrics.items():
+            total[k] = total.get(k, 0.0) + v
+    return [p.grad.clone() for p in model.parameters()], total
