@@ -57,3 +57,9 @@ def explain(exc: BaseException, state_dir: str | Path, flow_run_id: str | None =
     if is_disk_full(exc):
         return disk_full_message(state_dir, flow_run_id, stage)
     return None
+
+
+def retry_unless_disk_full(task, task_run, state) -> bool:
+    """A Prefect `retry_condition_fn`: retrying cannot free disk space, so a full disk fails at once."""
+    exc = state.result(raise_on_failure=False)
+    return not (isinstance(exc, BaseException) and is_disk_full(exc))

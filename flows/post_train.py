@@ -19,6 +19,7 @@ from prefect import flow
 
 from data_contracts.artifacts import ArtifactRef
 from flows import runs
+from flows.failures import explain, retry_unless_disk_full
 from flows.state import configure_state_dir
 from models.config import STAGE_KINDS, RecipeConfig, load_recipe, resolved
 from models.engine import read_metrics
@@ -43,7 +44,7 @@ def _cache_key_fn(context, parameters: dict) -> str:
 def _cached(task_fn, *, results_dir: Path, retries: int):
     return task_fn.with_options(
         cache_key_fn=_cache_key_fn, persist_result=True, result_storage=Path(results_dir),
-        retries=retries, retry_delay_seconds=5,
+        retries=retries, retry_delay_seconds=5, retry_condition_fn=retry_unless_disk_full,
     )
 
 
@@ -100,7 +101,13 @@ def post_train(
     try:
         summary = _run_stages(cfg, ctx, paths)
     except BaseException as e:
-        runs.record_end(paths["root"], flow_run_id, "FAILED", f"{type(e).__name__}: {e}"[:2000])
+        advice = explain(e, paths["root"], flow_run_id)
+        runs.record_end(paths["root"], flow_run_id, "FAILED", advice or f"{type(e).__name__}: {e}"[:2000])
+        if advice:  # worker/served runs: the advice shows in Prefect's logs and on the parent run
+            from prefect import get_run_logger
+
+            get_run_logger().error(advice)
+            tracker.set_tags(parent, {"posttrain.error": advice[:8000]})
         tracker.end_run(parent, "FAILED")
         raise
     runs.record_end(paths["root"], flow_run_id, "COMPLETED")

@@ -5,7 +5,10 @@ schedules, tags, description) and hands them to `prefect.serve` as `post_train.t
 No work pool or worker is needed; the serving process polls the API and runs each flow run in a
 subprocess of its own, one at a time by default (stages share the state dir and the CPU).
 
-It does not build, push or pull anything: the flow runs from this checkout.
+It does not build, push or pull anything: the flow runs from this checkout. Serve either this way or
+through the work pool, not both on one server under the same names: a served deployment that was
+first deployed to the pool keeps that deployment's storage settings, and its runs crash before the
+flow starts (measured with Prefect 3.8.8: FileNotFoundError '<cwd>/None').
 """
 
 from __future__ import annotations

@@ -180,9 +180,11 @@ def _get_json(url: str):
         return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on loopback with its own home and database."""
+    """A real `prefect server start` on loopback with its own home and database, one per test: a name
+    deployed to a work pool and then served on the same server keeps the pool deployment's storage
+    settings and its served runs crash (FileNotFoundError '<cwd>/None')."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL="", PREFECT_SERVER_ANALYTICS_ENABLED="false",
