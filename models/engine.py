@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import time
@@ -65,9 +66,33 @@ class ResumeError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port for the rendezvous store, outside the kernel's ephemeral range.
+
+    A port the kernel hands out for `bind(0)` is in the same range as the local ports of outgoing
+    connections (Prefect's and MLflow's HTTP clients make many), so one can take it between our check
+    and the store's bind (seen as EADDRINUSE). Ports below the ephemeral range are not handed out.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def ensure_distributed_env(ops_cache: str | os.PathLike | None = None) -> None:

@@ -50,3 +50,20 @@ def sft_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
     write_jsonl_atomic([{"prompt": p.prompt, "completion": p.solution} for p in train], out)
     return out
+
+
+_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_leaks():
+    """In-process DeepSpeed tests make this process rank 0 of 1 (RANK, MASTER_PORT, ... in os.environ,
+    and a rendezvous store listening on MASTER_PORT). A CLI started later by a test would inherit
+    those variables and try to bind the same port: restore the environment after every test."""
+    before = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -7,6 +7,7 @@ registering rewards does not build the task.
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from models.rewards import register_reward
@@ -28,9 +29,7 @@ def builtin_task_lenient_reward(prompt: str, completion: str, reference: str) ->
 
 def _judge(fn_name: str, prompt: str, completion: str, reference: str) -> float | None:
     try:
-        from models import builtin_task
-
-        verify = getattr(builtin_task, fn_name)
+        verify = getattr(importlib.import_module("models.builtin_task"), fn_name)
     except ImportError:
         logger.exception("models.builtin_task is not importable; builtin_task reward is None")
         return None
