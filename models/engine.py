@@ -102,9 +102,33 @@ def ensure_distributed_env(ops_cache: str | os.PathLike | None = None) -> None:
     if ops_cache is not None:
         # DeepSpeed JIT-compiles its shm_comm op at init (~25-40 s); cache it per machine/state dir.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_cache))
+    clear_stale_op_locks(os.environ.get("TORCH_EXTENSIONS_DIR"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+STALE_LOCK_SECONDS = 300  # compiling one op takes < 1 min here
+
+
+def clear_stale_op_locks(ops_dir: str | None, max_age: float = STALE_LOCK_SECONDS) -> list[Path]:
+    """Remove torch-extension build locks left by a process killed while compiling.
+
+    torch's FileBaton waits forever on such a lock, so one SIGKILL during the first compile would
+    hang every later run. A lock older than any real compile is stale.
+    """
+    if not ops_dir or not Path(ops_dir).is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for lock in Path(ops_dir).glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > max_age:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _rank_world() -> tuple[int, int]:

@@ -144,3 +144,20 @@ def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft
     assert steps == [1, 2, 3, 4]
     assert read_metrics(resumed["metrics_path"])[-1]["loss"] == read_metrics(straight["metrics_path"])[-1]["loss"]
     assert run_loop  # imported for the reader: the loop under test
+
+
+def test_stale_op_build_locks_are_cleared(tmp_path):
+    import os
+    import time
+
+    from models.engine import clear_stale_op_locks
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_op_locks(str(tmp_path)) == [stale]
+    assert not stale.exists() and fresh.exists()  # a compile in progress keeps its lock
+    assert clear_stale_op_locks(None) == []
