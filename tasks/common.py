@@ -146,13 +146,16 @@ def record_cache_hit(ctx: RunContext, result: StageResult, inputs: dict[str, Art
                      wall_seconds: float, run_name: str | None = None) -> str | None:
     """A cache hit still gets a stage run: it names the run that produced the result."""
     tracker = tracker_for(ctx)
-    tags = lineage_tags(ctx, result.stage, result.cache_key, inputs, cached=True)
+    # the stage asking, which may differ from the one that produced the result (an evaluation of a
+    # checkpoint that an earlier stage left unchanged is a cache hit of that stage's evaluation)
+    stage = run_name or result.stage
+    tags = lineage_tags(ctx, stage, result.cache_key, inputs, cached=True)
     tags.update({
         "posttrain.output_digest": result.output.digest,
         "posttrain.output_path": result.output.path,
         "posttrain.cached_from_run": result.mlflow_run_id or "",
     })
-    run_id = tracker.start_run(run_name or result.stage, params=dict(config, stage=result.stage), tags=tags,
+    run_id = tracker.start_run(stage, params=dict(config, stage=stage), tags=tags,
                                parent_run_id=ctx.parent_run_id)
     if result.metrics:
         tracker.log_metrics(run_id, [result.metrics])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_contracts.artifacts import digest_path
+from models.config import load_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def test_mlflow_has_parent_children_tags_and_dataset_digest(smoke_run):
     (ds,) = [d.dataset for d in sft.inputs.dataset_inputs]
     assert ds.digest == file_digest.removeprefix("sha256:")[:32]
     assert "train/loss" in sft.data.metrics and "eval/pass_at_1" in sft.data.metrics
-    assert sft.data.params["lr"] == "0.0005"
+    assert sft.data.params["lr"] == str(load_recipe("r1", smoke=True).sft.lr)  # resolved config as params
     assert client.list_artifacts(sft.info.run_id, "model")
     # the rerun's stage runs are marked cached and name the run that produced the result
     cached = client.get_run(second["stages"][1]["mlflow_run_id"])
