@@ -270,7 +270,7 @@ def run_loop(
             raise ResumeError(f"{path}: engine step {engine.global_steps} != checkpoint step {start_step}")
         resumed_from = start_step
     if rank == 0:
-        _truncate_metrics(metrics_path, start_step)
+        truncate_jsonl_after(metrics_path, start_step)
 
     ga, mbs = cfg.grad_accum, cfg.micro_batch_size
     last: dict[str, float] = {}
@@ -320,8 +320,9 @@ def run_loop(
     return LoopResult(str(out_dir), cfg.max_steps, resumed_from, str(metrics_path), last)
 
 
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from: those steps are about to be redone."""
+def truncate_jsonl_after(path: Path, start_step: int) -> None:
+    """Drop JSONL rows whose `step` is past the checkpoint we resume from: those steps are about to be
+    redone (metrics here, rollout samples in the RL recipes)."""
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]

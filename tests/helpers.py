@@ -63,3 +63,24 @@ def accumulated_grads(model, step, batch: list[dict], mbs: int):
         for k, v in metrics.items():
             total[k] = total.get(k, 0.0) + v
     return [p.grad.clone() for p in model.parameters()], total
+
+
+def run_cli(*args, state_dir, summary=None, check=True, env=None, **popen):
+    """`posttrain ARGS --state-dir DIR` in a subprocess from the repo root (Popen when popen kwargs
+    are given); raises with the tail of its output when it fails and `check` is set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "flows.cli", *args, "--state-dir", str(state_dir)]
+    if summary:
+        cmd += ["--summary-json", str(summary)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if popen:
+        return subprocess.Popen(cmd, cwd=repo, env=full_env, **popen)
+    p = subprocess.run(cmd, cwd=repo, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p

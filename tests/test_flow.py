@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from data_contracts.artifacts import digest_path
 from models.config import load_recipe
@@ -25,17 +26,7 @@ TAGS = ["posttrain.stage", "posttrain.cache_key", "posttrain.inputs", "posttrain
         "posttrain.prefect_task_run_id", "posttrain.cached"]
 
 
-def cli(*args, state_dir, summary=None, check=True, **popen):
-    cmd = [sys.executable, "-m", "flows.cli", *args, "--state-dir", str(state_dir)]
-    if summary:
-        cmd += ["--summary-json", str(summary)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
+cli = run_cli  # tests/helpers.py
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from flows import runs
 from flows.failures import explain, is_disk_full
@@ -28,15 +29,7 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 R1_STAGES = ["fetch", "sft", "grpo", "sample", "filter", "refine"]
 
 
-def cli(*args, state_dir, check=True, env=None, **popen):
-    cmd = [sys.executable, "-m", "flows.cli", *args, "--state-dir", str(state_dir)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
+cli = run_cli  # tests/helpers.py
 
 
 def poll(predicate, deadline_s: float, what: str, every: float = 0.5, alive=None):

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.engine import deepspeed_config, latest_checkpoint_step
+from models.engine import deepspeed_config, latest_checkpoint_step, truncate_jsonl_after
 
 # ----------------------------------------------------------------------------- data
 
@@ -97,14 +97,7 @@ def sampling_policy(model: torch.nn.Module, shadow: torch.nn.Module | None):
 # ----------------------------------------------------------------------------- rollout log
 
 
-def truncate_rollout_log(path: Path, last_step: int) -> None:
-    """Drop rows of steps past the checkpoint we resume from: those steps are about to be redone."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+truncate_rollout_log = truncate_jsonl_after  # the rollout log is step-keyed JSONL like metrics.jsonl
 
 
 def rollout_logger(
