@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 RECIPE ?=
 ARGS   ?=
 PYTEST_ARGS ?=
@@ -33,6 +34,22 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Benchmarks (benchmarks/README.md): writes benchmarks/results.json and benchmarks/results.md.
+# The `bench` extra (TRL, the peer we compare with) is installed with every package already in the
+# venv pinned by a constraints file, so it can add packages but never change one (torch,
+# transformers, deepspeed, ... stay exactly as `setup` left them); pip fails loudly if it cannot.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip freeze --exclude-editable | LC_ALL=C sort > $(VENV)/.bench-constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/.bench-constraints.txt -e '.[bench]'
+	$(BIN)/pip freeze --exclude-editable | LC_ALL=C sort > $(VENV)/.bench-after.txt
+	@changed=$$(LC_ALL=C comm -23 $(VENV)/.bench-constraints.txt $(VENV)/.bench-after.txt); \
+	  if [ -n "$$changed" ]; then echo "bench extra changed installed packages: $$changed" >&2; exit 1; fi
+	touch $(BENCH_STAMP)
+
+BENCH_ARGS ?=
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf .posttrain

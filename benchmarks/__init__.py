@@ -1,0 +1,1 @@
+"""Benchmarks: one script per headline number (see benchmarks/README.md); `make bench` runs them all."""

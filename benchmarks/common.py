@@ -1,0 +1,468 @@
+"""What every benchmark script shares.
+
+* Threads: both sides of a comparison run with the same torch/OpenMP thread count (`--threads`,
+  default: every core), set before any work (`pin_threads`, `child_env`).
+* Timing: warm-up repetitions are dropped and the median of the rest is reported (`summarize`),
+  with min/max and every repetition beside it.
+* Workers: a side that needs a clean process (TRL's accelerate state, DeepSpeed's process group)
+  runs as `python -m benchmarks.<script> --worker SIDE --payload FILE`; the parent runs the sides
+  back to back in one invocation and compares them (`run_worker`).
+* The bench base: the built-in 1.8M-parameter Llama after a short plain-torch SFT on the built-in
+  task, so that it closes `</answer>` like the models the RL stages start from (completion lengths
+  matter for generation). Built once and cached under `.posttrain/bench/` (`bench_base`).
+* Results: every script merges its headline key(s) into `benchmarks/results.json` (or `--out`) and
+  re-renders `results.md` (`record`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "benchmarks"
+CACHE_DIR = REPO / ".posttrain" / "bench"
+OPS_DIR = REPO / ".posttrain" / "torch_extensions"
+
+# The headline keys and their targets (issue #7). `record` checks `value` against them.
+TARGETS: dict[str, tuple[str, float]] = {
+    "grpo_step_speedup_vs_trl": (">=", 2.0),
+    "sft_tokens_speedup_vs_trl": (">=", 1.7),
+    "dpo_tokens_speedup_vs_trl": (">=", 1.8),
+    "rollout_speedup_vs_generate": (">=", 2.0),
+    "sft_mfu": (">=", 0.60),
+    "cached_rerun_fraction": ("<=", 0.03),
+    "orchestration_overhead_fraction": ("<=", 0.05),
+    "zero3_memory_fraction": ("<=", 0.55),
+}
+DESCRIPTIONS = {
+    "grpo_step_speedup_vs_trl": "GRPO step (generate + score + update), TRL GRPOTrainer s/step ÷ posttrain s/step",
+    "sft_tokens_speedup_vs_trl": "SFT tokens/s, posttrain ÷ TRL SFTTrainer",
+    "dpo_tokens_speedup_vs_trl": "DPO policy tokens/s, posttrain ÷ TRL DPOTrainer",
+    "rollout_speedup_vs_generate": "rollout new tokens/s at the GRPO batch, posttrain sampler ÷ model.generate",
+    "sft_mfu": "SFT model FLOPs/s ÷ measured fp32 matmul peak",
+    "cached_rerun_fraction": "cached rerun wall ÷ first run wall (whole CLI command)",
+    "orchestration_overhead_fraction": "Prefect + MLflow time ÷ training-stage wall",
+    "zero3_memory_fraction": "per-rank param + optimizer bytes, ZeRO-3 × 2 processes ÷ ZeRO-0",
+}
+
+# Settings of the bench base and the GRPO-sized workloads (the r1 recipe's GRPO stage).
+BASE_SFT_STEPS = 200
+NUM_PROMPTS, NUM_GENERATIONS, MAX_NEW_TOKENS = 16, 8, 72
+SFT_BATCH = 16
+DPO_PAIRS = 16
+
+
+# ----------------------------------------------------------------------------- threads and env
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pin_threads(n: int) -> None:
+    """This process computes on `n` threads (torch intra-op; OpenMP/MKL for anything started later)."""
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[k] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def child_env(threads: int, **extra: str) -> dict[str, str]:
+    """The environment of a worker process: the thread count, quiet and offline libraries, the
+    repo's compiled-ops cache, and no rendezvous variables inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env.update(
+        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", DISABLE_MLFLOW_INTEGRATION="TRUE", WANDB_DISABLED="true",
+        PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(OPS_DIR))
+    env.update(extra)
+    return env
+
+
+def quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(OPS_DIR))
+    for name in ("DeepSpeed", "deepspeed", "transformers", "trl", "accelerate", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def summarize(times: list[float], warmup: int) -> dict[str, Any]:
+    """Median (and min/max) of `times` after dropping the first `warmup`."""
+    kept = list(times[warmup:]) or list(times[-1:])
+    return {
+        "median": statistics.median(kept), "min": min(kept), "max": max(kept), "reps": len(kept),
+        "warmup_dropped": min(warmup, len(times) - len(kept)) if len(times) > len(kept) else 0,
+        "all": [round(t, 6) for t in times],
+    }
+
+
+def time_reps(fn: Callable[[int], Any], warmup: int, reps: int) -> tuple[list[float], list[Any]]:
+    """Call fn(i) warmup + reps times; (wall seconds of each call, results)."""
+    times, outs = [], []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        outs.append(fn(i))
+        times.append(time.perf_counter() - t0)
+    return times, outs
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def run_worker(module: str, side: str, payload: dict, threads: int, timeout: float = 1800, **env) -> dict:
+    """Run `python -m MODULE --worker SIDE --payload FILE` from the repo root and return the JSON it
+    writes to payload['result_path']. Raises with the tail of its output when it fails."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
+        payload = dict(payload, result_path=str(Path(tmp) / "result.json"), tmp=tmp, threads=threads)
+        pfile = Path(tmp) / "payload.json"
+        pfile.write_text(json.dumps(payload))
+        cmd = [sys.executable, "-m", module, "--worker", side, "--payload", str(pfile)]
+        p = subprocess.run(cmd, cwd=REPO, env=child_env(threads, **env), capture_output=True, text=True,
+                           timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        return json.loads(Path(payload["result_path"]).read_text())
+
+
+def worker_main(sides: dict[str, Callable[[dict], dict]]) -> bool:
+    """If this process was started as a worker, run the side and write its result; True if so."""
+    if "--worker" not in sys.argv:
+        return False
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True, choices=sorted(sides))
+    ap.add_argument("--payload", required=True)
+    a = ap.parse_args()
+    payload = json.loads(Path(a.payload).read_text())
+    quiet_libraries()
+    pin_threads(int(payload["threads"]))
+    out = sides[a.worker](payload)
+    Path(payload["result_path"]).write_text(json.dumps(out))
+    return True
+
+
+def have_trl() -> tuple[bool, str]:
+    try:
+        import importlib.metadata as md
+
+        return True, md.version("trl")
+    except Exception:  # noqa: BLE001
+        return False, "trl is not installed (make bench installs the `bench` extra)"
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem_gib = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "deepspeed", "trl", "accelerate", "prefect", "mlflow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu, "cores": default_threads(), "memory_gib": mem_gib, "threads": threads or default_threads(),
+        "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+        "load_average": [round(x, 2) for x in load] if load else None,
+        "git_commit": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def results_paths(out_dir: str | os.PathLike | None) -> tuple[Path, Path]:
+    d = Path(out_dir) if out_dir else BENCH_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "results.json", d / "results.md"
+
+
+def load_results(out_dir=None) -> dict:
+    path, _ = results_paths(out_dir)
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+    return {"results": {}}
+
+
+def meets(key: str, value: float | None) -> bool | None:
+    if value is None or key not in TARGETS:
+        return None
+    op, bound = TARGETS[key]
+    return value >= bound if op == ">=" else value <= bound
+
+
+def record(key: str, value: float | None, raw: dict, *, script: str, quick: bool, threads: int,
+           out_dir=None, note: str | None = None) -> dict:
+    """Merge one headline into results.json (value, target, raw figures, when, how) and re-render
+    results.md. Returns the entry."""
+    op, bound = TARGETS.get(key, ("", None))
+    entry = {
+        "value": None if value is None else round(float(value), 4),
+        "target": f"{op} {bound}" if bound is not None else None,
+        "meets_target": meets(key, value),
+        "description": DESCRIPTIONS.get(key, ""),
+        "raw": raw,
+        "script": script, "quick": quick, "threads": threads, "measured_at": now_utc(),
+        "machine": machine_info(threads),
+        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{Path(script).stem}", *sys.argv[1:]]),
+    }
+    if note:
+        entry["note"] = note
+    data = load_results(out_dir)
+    data.setdefault("results", {})[key] = entry
+    write_results(data, out_dir)
+    return entry
+
+
+def write_results(data: dict, out_dir=None) -> None:
+    path, md = results_paths(out_dir)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    md.write_text(render_markdown(data))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def render_markdown(data: dict) -> str:
+    res = data.get("results", {})
+    lines = ["# posttrain benchmarks", ""]
+    run = data.get("run")
+    if run:
+        m = run.get("machine", {})
+        lines += [
+            f"- command: `{run.get('command')}`",
+            f"- date (UTC): {run.get('date')}",
+            f"- machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB; "
+            f"{m.get('threads')} threads per side; load average at start {m.get('load_average')}",
+            f"- versions: " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
+            f"- code: {m.get('git_commit')}{' (uncommitted changes)' if m.get('git_dirty') else ''}"
+            + ("; QUICK mode (small sizes, few repetitions: smoke numbers, not results)" if run.get("quick") else ""),
+            "",
+        ]
+    lines += ["| headline | value | target | met | raw figures (medians) |", "|---|---|---|---|---|"]
+    for key in TARGETS:
+        e = res.get(key)
+        if e is None:
+            lines.append(f"| `{key}` | not measured | {TARGETS[key][0]} {TARGETS[key][1]} | — | |")
+            continue
+        met = {True: "yes", False: "**no**", None: "—"}[e.get("meets_target")]
+        lines.append(f"| `{key}` | {_fmt(e.get('value'))} | {e.get('target') or ''} | {met} | {e.get('summary', _summary(e))} |")
+    lines += ["", "Each value is a ratio of medians over repetitions after warm-up; both sides of a comparison",
+              "ran on the same model, data, batch, lengths, precision and thread count, back to back in one run.",
+              "`results.json` holds every raw figure and repetition. Regenerate with `make bench`.", ""]
+    notes = [(k, e["note"]) for k, e in res.items() if e.get("note")]
+    if notes:
+        lines += ["Notes:", ""] + [f"- `{k}`: {n}" for k, n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _summary(entry: dict) -> str:
+    s = entry.get("raw", {}).get("summary")
+    return s if isinstance(s, str) else ""
+
+
+def base_args(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repetitions (harness smoke test)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="threads per side (default: all cores)")
+    ap.add_argument("--reps", type=int, default=None, help="measured repetitions (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up repetitions (not counted)")
+    ap.add_argument("--out", default=None, help="directory of results.json / results.md (default benchmarks/)")
+    return ap
+
+
+# ----------------------------------------------------------------------------- the bench base and data
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bench_base(steps: int = BASE_SFT_STEPS, small: bool = False, threads: int | None = None) -> Path:
+    """HF dir of the bench base: the built-in tiny model (full size, or a small one for --quick)
+    after `steps` full-batch plain-torch SFT steps on the built-in task (seed 0). Cached."""
+    import fcntl
+
+    arch = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64) if small else {}
+    key = _digest({"v": 1, "arch": arch, "steps": steps, "batch": 32, "lr": 1e-3})
+    out = CACHE_DIR / f"base-{key}"
+    if (out / ".complete").exists():
+        return out
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f".base-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / ".complete").exists():
+            return out
+        _train_base(out, arch, steps, threads or default_threads())
+    return out
+
+
+def _train_base(out: Path, arch: dict, steps: int, threads: int) -> None:
+    import shutil
+
+    import torch
+
+    from models.builtin_task import make_problems
+    from models.tiny_model import build_tiny_model, save_hf
+    from models.tokenizer import build_tokenizer
+
+    torch.set_num_threads(threads)
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, seed=0, **arch)
+    train, _ = make_problems(0, 4096, 1)
+    enc = [tok(p.prompt + p.solution)["input_ids"] + [tok.eos_token_id] for p in train]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(enc), (32,), generator=g).tolist()
+        rows = [enc[i] for i in idx]
+        ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)
+        attn = torch.zeros_like(ids)
+        for i, e in enumerate(rows):
+            ids[i, : len(e)], attn[i, : len(e)] = torch.tensor(e), 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tok, tmp)
+    (tmp / "bench-base.json").write_text(json.dumps({"sft_steps": steps, "final_loss": float(loss), "arch": arch}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    (out / ".complete").write_text("ok\n")
+
+
+def problems(n: int, offset: int = 0) -> list[dict]:
+    """Built-in training problems [{id, prompt, answer, solution}] (seed 0), the first n after offset."""
+    from models.builtin_task import make_problems
+
+    train, _ = make_problems(0, offset + n, 1)
+    return [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in train[offset:]]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_step_seconds(metrics_path: str | os.PathLike) -> list[float]:
+    """Per-step wall seconds that run_loop logged (log_every=1): from one step's log to the next."""
+    from models.engine import read_metrics
+
+    return [float(m["step_seconds"]) for m in read_metrics(metrics_path)]
+
+
+def trl_step_timer():
+    """A transformers TrainerCallback recording perf_counter at every step end (and at train begin)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+        @property
+        def step_seconds(self) -> list[float]:
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    return StepTimer()
+
+
+def trl_common_args(tmp: str, steps: int, threads: int, **kw) -> dict:
+    """TrainingArguments fields every TRL side shares: CPU fp32, no saving, no reporting, the same
+    optimizer settings as posttrain's TrainConfig defaults (AdamW, betas (0.9, 0.95), clip 1.0)."""
+    return dict(
+        output_dir=str(Path(tmp) / "trl-out"), max_steps=steps, use_cpu=True, bf16=False, fp16=False,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0,
+        lr_scheduler_type="constant", dataloader_num_workers=0, **kw,
+    )
