@@ -35,6 +35,7 @@ import torch
 from models.engine import StepContext, run_loop
 from models.logprobs import token_logprobs
 from models.losses import dpo_loss, sequence_logps
+from models.packing import packed_logits, verify as verify_packing
 from models.pref_config import DPOConfig, PreferenceDataConfig
 from models.recipes.sft import EpochSampler, encode_prompt, save_hf_dir
 from models.rollouts import SamplingParams, sample
@@ -207,7 +208,7 @@ def collate_sequences(seqs: list[tuple[list[int], int]], pad_id: int) -> dict[st
 def completion_token_logps(model, seqs: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs (B, T-1) of each next token, completion mask (B, T-1) bool) of the sequences."""
     batch = collate_sequences(seqs, pad_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # padding-free
     return token_logprobs(logits, batch["input_ids"][:, 1:]), batch["completion_mask"]
 
 
@@ -327,6 +328,7 @@ def train_dpo(spec: dict, on_log=None) -> dict:
     items, dropped = tokenize_pairs(rows, tokenizer, cfg.max_seq_len)
     if not items:
         raise ValueError(f"no preference pair fits max_seq_len={cfg.max_seq_len}")
+    verify_packing(model)  # padding-free forwards, checked before the engine wraps it (models/packing.py)
     if not (workdir / "output" / ".complete").exists():
         # Before run_loop: `model` still holds the starting weights, i.e. it *is* the reference.
         load_or_compute_reference(model, items, pad_id, workdir, cfg.micro_batch_size)

@@ -36,6 +36,7 @@ from models.advantages import group_relative_advantages
 from models.engine import StepContext, run_loop
 from models.logprobs import entropy_from_logits, masked_sum, token_logprobs
 from models.losses import grpo_loss
+from models.packing import packed_logits, verify as verify_packing
 from models.recipes.rollout_common import (
     load_causal_lm,
     load_problems,
@@ -169,7 +170,7 @@ def global_normalizer(items: list[dict], loss_type: str) -> float:
 
 def completion_logprobs(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs (b, n-1), shifted logits (b, n-1, V)) of the right-padded batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # padding-free
     return token_logprobs(logits, batch["input_ids"][:, 1:], temperature), logits
 
 
@@ -268,6 +269,9 @@ def train_grpo(spec: dict, on_log=None) -> dict:
         workdir, lambda step: should_log_rollouts(step, cfg), lambda step, items: rollout_rows(step, items, cfg)
     )
     global_batch = make_global_batch(model, tokenizer, problems, cfg, shadow=shadow, on_batch=log_batch)
+    for m in (model, ref_model):  # padding-free forwards, checked before the engine wraps the policy
+        if m is not None:
+            verify_packing(m)
     res = run_loop(
         model, cfg, workdir, global_batch, grpo_step_fn(cfg, pad_id, ref_model),
         save_hf_dir(tokenizer, spec["base_path"]), on_log=on_log,

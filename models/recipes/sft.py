@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from models.config import SFTConfig
 from models.engine import StepContext, run_loop
+from models.packing import packed_logits, verify as verify_packing
 
 IGNORE = -100
 
@@ -99,7 +100,7 @@ class EpochSampler:
 
 def causal_lm_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over label positions that are not IGNORE, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])  # padding-free, same logits
     shift_logits = logits[:, :-1].float()
     shift_labels = batch["labels"][:, 1:]
     nll = F.cross_entropy(
@@ -164,6 +165,7 @@ def train_sft(spec: dict, on_log=None) -> dict:
     def global_batch(step: int):
         return [examples[i] for i in sampler.indices(step * cfg.batch_size, cfg.batch_size)]
 
+    verify_packing(model)  # before the engine wraps it (see models/packing.py)
     res = run_loop(
         model, cfg, spec["workdir"], global_batch, lm_step_fn(pad_id),
         save_hf_dir(tokenizer, spec["base_path"]), on_log=on_log,
