@@ -15,7 +15,9 @@ distribution differ from softmax(logits / T) and the log-probs wrong for any voc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -174,10 +176,67 @@ def _make_cache(model, max_len: int):
 
         def batch_select_indices(self, indices):
             if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
+                # copy the filled positions only (fresh buffers keep the room for the tokens to come)
+                self._k, self._v = self._select(self._k, indices), self._select(self._v, indices)
                 self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+        def _select(self, buf, indices):
+            out = buf.new_empty((indices.numel(), *buf.shape[1:]))
+            torch.index_select(buf[:, :, : self.length], 0, indices, out=out[:, :, : self.length])
+            return out
+
     return Cache(layers=[PreallocatedLayer() for _ in range(model.config.num_hidden_layers)])
+
+
+DECODE_ATTENTION = "posttrain_decode"
+FAST_DECODE = os.environ.get("POSTTRAIN_FAST_DECODE", "1") != "0"  # 0: SDPA for decoding steps too
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of one new token per row over the cache: two small matmuls and a softmax, the same math
+    as transformers' eager attention (softmax in fp32), with the query heads grouped by key/value head
+    instead of repeating the keys (GQA). On CPU this is ~2x faster per decoding step than SDPA's flash
+    kernel with a padding mask (measured at 128 rows, 4 heads, ~60 cached positions). Anything else
+    (prefill, soft-capping, attention sinks, position bias, dropout) goes to SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.shape[2] != 1 or (dropout and module.training) or kwargs.get("softcap") is not None
+            or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    b, h, _, d = query.shape
+    hk = key.shape[1]
+    scale = scaling if scaling is not None else d**-0.5
+    q = query.reshape(b, hk, h // hk, d)  # query head j reads key/value head j // (h // hk), as repeat_kv does
+    scores = torch.matmul(q, key.transpose(2, 3)) * scale  # (b, hk, g, kv)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[2]]  # (b, 1, 1, kv) broadcasts
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, h, value.shape[-1]), None
+
+
+def _register_decode_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+        return True
+    except Exception:  # noqa: BLE001 - an older/newer transformers without the interface: SDPA stays
+        return False
+
+
+@contextlib.contextmanager
+def _decode_attention_for(model):
+    """Use `_decode_attention` for the decoding steps of `model` (SDPA/eager models only); restored after."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if not FAST_DECODE or current not in ("sdpa", "eager") or not _register_decode_attention():
+        yield
+        return
+    config._attn_implementation = DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,9 +272,12 @@ def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, gen
             layer.batch_select_indices(run_of_row)
     mask, positions = mask[run_of_row], positions[run_of_row]
     next_pos = positions[:, -1:] + 1  # (n, 1)
-    # additive mask over the cached keys, (n, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs
+    # additive mask over the cached keys, (n, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs.
+    # Allocated once for every position to come (new tokens are attended: 0); each step passes a view.
     neg = torch.finfo(model.dtype if model.dtype.is_floating_point else torch.float32).min
-    add_mask = ((1 - mask[:, None, None, :]).to(model.dtype) * neg)
+    kv_len = mask.shape[1]
+    add_mask = mask.new_zeros((n, 1, 1, kv_len + params.max_new_tokens), dtype=model.dtype)
+    add_mask[:, 0, 0, :kv_len] = (1 - mask).to(model.dtype) * neg
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
@@ -224,47 +286,48 @@ def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, gen
     alive = [True] * n  # per chunk row: still decoding
     stop_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     eos_t = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    for step in range(params.max_new_tokens):
-        chosen, chosen_logp = _choose_tokens(logits, params, generator)
-        is_stop = torch.isin(chosen, stop_t)
-        is_eos = torch.isin(chosen, eos_t)
-        chosen_l, logp_l = chosen.tolist(), chosen_logp.tolist()
-        stop_l, eos_l = is_stop.tolist(), is_eos.tolist()
-        keep: list[int] = []
-        for j, row in enumerate(active.tolist()):
-            if not alive[row]:  # finished earlier, awaiting compaction: ignore its garbage tokens
-                continue
-            tokens[row].append(chosen_l[j])
-            logps[row].append(logp_l[j])
-            if stop_l[j]:
-                reasons[row] = "stop"
-            elif eos_l[j]:
-                reasons[row] = "eos"
-            elif text_stop_check is not None and text_stop_check(tokens[row]):
-                reasons[row] = "stop"
-            else:
-                keep.append(j)
-                continue
-            alive[row] = False
-        if not keep or step == params.max_new_tokens - 1:
-            break
-        # drop finished rows once they are an eighth of the batch: fewer copies of the cache, less compute
-        if len(keep) <= active.numel() * 7 // 8:
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            for layer in cache.layers:
-                layer.batch_select_indices(idx)
-            active, chosen = active[idx.cpu()], chosen[idx]
-            next_pos, add_mask = next_pos[idx], add_mask[idx]
-        add_mask = torch.cat([add_mask, add_mask.new_zeros(add_mask.shape[0], 1, 1, 1)], dim=-1)
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=add_mask,
-            position_ids=next_pos,
-            use_cache=True,
-            **{cache_kw: cache},
-        )
-        logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
+    with _decode_attention_for(model):
+        for step in range(params.max_new_tokens):
+            chosen, chosen_logp = _choose_tokens(logits, params, generator)
+            is_stop = torch.isin(chosen, stop_t)
+            is_eos = torch.isin(chosen, eos_t)
+            chosen_l, logp_l = chosen.tolist(), chosen_logp.tolist()
+            stop_l, eos_l = is_stop.tolist(), is_eos.tolist()
+            keep: list[int] = []
+            for j, row in enumerate(active.tolist()):
+                if not alive[row]:  # finished earlier, awaiting compaction: ignore its garbage tokens
+                    continue
+                tokens[row].append(chosen_l[j])
+                logps[row].append(logp_l[j])
+                if stop_l[j]:
+                    reasons[row] = "stop"
+                elif eos_l[j]:
+                    reasons[row] = "eos"
+                elif text_stop_check is not None and text_stop_check(tokens[row]):
+                    reasons[row] = "stop"
+                else:
+                    keep.append(j)
+                    continue
+                alive[row] = False
+            if not keep or step == params.max_new_tokens - 1:
+                break
+            # drop finished rows once they are an eighth of the batch: fewer copies of the cache, less compute
+            if len(keep) <= active.numel() * 7 // 8:
+                idx = torch.tensor(keep, dtype=torch.long, device=device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(idx)
+                active, chosen = active[idx.cpu()], chosen[idx]
+                next_pos, add_mask = next_pos[idx], add_mask[idx]
+            kv_len += 1
+            out = model(
+                input_ids=chosen[:, None],
+                attention_mask=add_mask[..., :kv_len],
+                position_ids=next_pos,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
     return tokens, logps, reasons
 
 
