@@ -23,6 +23,7 @@ from flows.failures import explain, retry_unless_disk_full
 from flows.state import configure_state_dir
 from models.config import STAGE_KINDS, RecipeConfig, load_recipe, resolved
 from models.engine import read_metrics
+from models.faults import fault_point
 from tasks.cache import git_code_version, stage_cache_key, stage_code_version
 from tasks.common import RunContext, StageResult, default_tracking_uri, record_cache_hit, state_paths, tracker_for
 from tasks.data import resolve_preferences, resolve_problems, resolve_sft_dataset
@@ -150,6 +151,7 @@ def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> d
     flow_run_id = _flow_run_id()
     for stage in cfg.stages:
         runs.update(paths["root"], flow_run_id, current_stage=stage)
+        fault_point("before-stage", stage)  # test-only (POSTTRAIN_FAULT): every earlier stage is persisted
         stage_cfg = resolved(cfg.stage_config(stage))
         if stage == "fetch":
             inputs: dict[str, ArtifactRef] = {}

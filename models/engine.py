@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from models.faults import fault_point
 from models.train_config import TrainConfig
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
@@ -188,6 +189,19 @@ def _tag(step: int) -> str:
     return f"step{step:07d}"
 
 
+# A checkpoint is committed when `latest` names its tag. DeepSpeed writes its own `latest` with a plain
+# open('w') (a kill between the truncate and the write leaves it empty: the next run starts over from
+# step 0), so the loop saves with save_latest=False and moves `latest` into place itself, atomically,
+# once every rank's files of the tag are on disk. A tag directory newer than `latest` is a save that
+# was killed midway: never loaded, and removed before training goes on.
+
+
+def _commit_checkpoint(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / "latest")
+
+
 def latest_checkpoint_step(ckpt_dir: Path) -> int | None:
     latest = ckpt_dir / "latest"
     if not latest.exists():
@@ -206,6 +220,8 @@ def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     for p in tags:
         if p.name not in keep_tags:
             shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob("latest.tmp-*"):  # a commit killed before its rename
+        p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -255,6 +271,8 @@ def run_loop(
     )
 
     start_step, resumed_from = 0, None
+    if rank == 0:  # drop the uncommitted tags of a save that was killed midway
+        _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     if latest_checkpoint_step(ckpt_dir) is not None:
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
@@ -308,10 +326,13 @@ def run_loop(
                 if on_log is not None:
                     on_log(dict(last, max_steps=cfg.max_steps))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            engine.save_checkpoint(
-                str(ckpt_dir), tag=_tag(done),
+            engine.save_checkpoint(  # returns once every rank's files are written (it ends on a barrier)
+                str(ckpt_dir), tag=_tag(done), save_latest=False,
                 client_state={"step": done, "samples_seen": done * cfg.batch_size, "batch_size": cfg.batch_size},
             )
+            fault_point("checkpoint-uncommitted", workdir.name, done)
+            if rank == 0:
+                _commit_checkpoint(ckpt_dir, _tag(done))
             _barrier(world)
             if rank == 0:
                 _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)

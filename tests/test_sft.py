@@ -146,6 +146,37 @@ def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft
     assert run_loop  # imported for the reader: the loop under test
 
 
+def test_a_checkpoint_killed_before_its_commit_is_never_resumed_from(tiny_base, sft_file, tmp_path, monkeypatch):
+    """A save interrupted after its files are on disk but before `latest` names it: resume goes on from
+    the previous committed checkpoint, drops the uncommitted tag, and ends on the same weights."""
+    import models.engine as engine_mod
+    from models.engine import latest_checkpoint_step, read_metrics
+
+    straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2)
+
+    def die_before_commit(*parts):
+        if parts[0] == "checkpoint-uncommitted" and parts[2] == 4:
+            raise KeyboardInterrupt("simulated kill while step 4's checkpoint is being written")
+
+    monkeypatch.setattr(engine_mod, "fault_point", die_before_commit)
+    with pytest.raises(KeyboardInterrupt):
+        _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2)
+    ckpts = tmp_path / "crashy" / "checkpoints"
+    assert latest_checkpoint_step(ckpts) == 2 and (ckpts / "step0000004").is_dir()
+    partial = sorted(f for f in (ckpts / "step0000004").iterdir() if f.is_file())
+    assert partial
+    partial[-1].write_bytes(partial[-1].read_bytes()[:100])  # as if killed in the middle of this file
+    monkeypatch.undo()
+
+    resumed = _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2)
+    assert resumed["resumed_from_step"] == 2
+    ws, wr = _weights(straight["output_dir"]), _weights(resumed["output_dir"])
+    for k in ws:
+        torch.testing.assert_close(ws[k], wr[k], rtol=0, atol=0)
+    assert [m["step"] for m in read_metrics(resumed["metrics_path"])] == [1, 2, 3, 4]
+    assert (ckpts / "latest").read_text() == "step0000004" and not list(ckpts.glob("latest.tmp-*"))
+
+
 def test_stale_op_build_locks_are_cleared(tmp_path):
     import os
     import time
