@@ -1,0 +1,76 @@
+"""GRPO settings sweep from a finished run's SFT checkpoint (how the r1 GRPO settings were chosen).
+
+Each spec is `name|key=value;key=value` with `--set`-style overrides of the recipe's `grpo`
+section. For each one: train GRPO from the run's SFT output on the run's train problems, then
+evaluate on the run's held-out problems exactly as the flow does (greedy pass@1, pass@8 at
+temperature 1, 256 problems), and print one line with the mean training reward per quarter of
+the run.
+
+    .venv/bin/python -m benchmarks.grpo_sweep --state-dir .posttrain \
+        "base|" "steps150|grpo.max_steps=150" "drgrpo|grpo.scale_rewards=none;grpo.max_steps=100"
+
+Outputs go under --out (default /tmp/grpo-sweep/<name>). Not part of `make bench`: it measures
+accuracy, not speed, and takes minutes per spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _one(path_glob: str, root: Path) -> Path:
+    found = sorted(root.glob(path_glob))
+    if not found:
+        raise SystemExit(f"{root}: nothing matches {path_glob} (run `make run` first)")
+    return found[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--state-dir", default=".posttrain", type=Path)
+    ap.add_argument("--recipe", default="r1")
+    ap.add_argument("--out", default="/tmp/grpo-sweep", type=Path)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((args.state_dir / "torch_extensions").resolve()))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models import builtin_task
+    from models.config import load_recipe, resolved
+    from models.evaluation import evaluate
+    from models.launch import run_training
+
+    base = _one("work/sft-*/output", args.state_dir)
+    prompts = _one("datasets/builtin-*/train_problems.jsonl", args.state_dir)
+    test = [json.loads(line) for line in _one("datasets/builtin-*/test_problems.jsonl", args.state_dir).open()]
+    for spec in args.specs:
+        name, _, overrides = spec.partition("|")
+        cfg = resolved(load_recipe(args.recipe, [o for o in overrides.split(";") if o]).grpo)
+        workdir = args.out / name
+        t0 = time.perf_counter()
+        res = run_training(
+            "models.recipes.grpo:train_grpo",
+            {"config": cfg, "base_path": str(base), "prompts_path": str(prompts), "workdir": str(workdir)},
+            1, str(workdir),
+        )
+        seconds = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(res["output_dir"])
+        tok = AutoTokenizer.from_pretrained(res["output_dir"])
+        met, _ = evaluate(model, tok, test, builtin_task.verify, builtin_task.extract_answer, num_problems=256,
+                          k=8, temperature=1.0, max_new_tokens=72, batch_size=128, seed=1234)
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+        q = max(1, len(rows) // 4)
+        curve = [round(sum(r["reward_mean"] for r in rows[i : i + q]) / len(rows[i : i + q]), 3)
+                 for i in range(0, q * 4, q) if rows[i : i + q]]
+        print(json.dumps({"name": name, "overrides": overrides, "train_seconds": round(seconds, 1),
+                          "pass@1": met["pass@1"], "pass@8": met["pass@8"], "reward_by_quarter": curve}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
