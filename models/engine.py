@@ -164,6 +164,31 @@ def deepspeed_config(train: TrainConfig) -> dict:
     return cfg
 
 
+def trim_engine(engine, world: int) -> None:
+    """Two DeepSpeed defaults that cost time or memory here and change no number:
+
+    * ZeRO-0 on one process: after every backward the engine flattens every gradient, all-reduces it
+      over a group of one, and copies it back (~6 ms a step for the built-in model, ~8% of an SFT
+      step on 2 cores). There is nothing to reduce: that pass is turned off.
+    * ZeRO-3 in fp32: DeepSpeed means to use a parameter partition that already is fp32 on the
+      optimizer's device as its own fp32 master, but its check compares a torch.device with the
+      accelerator's device *name* (a str), which never holds, so every rank keeps a second copy of
+      its partition. Where partition and master have the same dtype, device and size, the master is
+      made to share the partition's storage again (the two always hold equal values anyway).
+    """
+    stage = engine.zero_optimization_stage()
+    if world == 1 and stage == 0:
+        engine.enable_backward_allreduce = False
+    opt = engine.optimizer
+    if stage == 3 and not getattr(opt, "offload_optimizer", False):
+        low = getattr(opt, "fp16_partitioned_groups_flat", None) or []
+        high = getattr(opt, "fp32_partitioned_groups_flat", None) or []
+        for lp, hp in zip(low, high):
+            if (lp is not None and hp is not lp and lp.dtype == hp.dtype and lp.device == hp.device
+                    and lp.shape == hp.shape and lp.untyped_storage().data_ptr() != hp.untyped_storage().data_ptr()):
+                hp.data = lp.data
+
+
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -269,6 +294,7 @@ def run_loop(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
+    trim_engine(engine, world)
 
     start_step, resumed_from = 0, None
     if rank == 0:  # drop the uncommitted tags of a save that was killed midway
