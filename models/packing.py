@@ -1,21 +1,32 @@
-"""Padding-free training forwards: the logits of a right-padded batch, computed without the padding.
+"""Padding-free training forwards: the logits of a right-padded batch, computed without the padding
+and, where rows share a prefix, computing that prefix once.
 
 A micro-batch of sequences of different lengths, right-padded to the longest, spends a third of its
-forward and backward on padding in the built-in task (lengths 30-70 tokens) and in GRPO batches
-(prompt + completion). `packed_logits` instead packs the real tokens of the batch into a few rows
-(first-fit decreasing), gives every token the position it has in its own sequence, and lets the
-model build a block-diagonal causal mask from those restarting position ids (transformers'
-`find_packed_sequence_indices`, used by the sdpa / eager / flash attention paths when no attention
-mask is given), so each token attends to exactly the tokens it attends to in the padded batch.
-The logits are then gathered back into the padded (B, T, V) layout, so every loss downstream runs
-unchanged; only float rounding differs (a row's matmuls are blocked differently).
+forward and backward on padding in the built-in task (lengths 30-70 tokens) and in GRPO batches. And
+a GRPO batch repeats every prompt G times (G completions of one prompt), a DPO batch twice (chosen,
+rejected). In a causal LM the hidden states of a token depend only on the tokens before it, so
+rows that agree on their first k tokens have identical hidden states there: those k positions
+need computing once.
 
-Rows are `capacity` tokens long; the capacity is chosen per batch among a few multiples of the
-longest sequence by a FLOP estimate (linear layers scale with rows × capacity, attention with
-rows × capacity²). Packing is used only where it has been checked: `verify` compares the packed and the padded logits
-of a model once, on a small synthetic batch, and the padded forward is used for good (with a
-warning) if they differ, e.g. a model with absolute position embeddings or an attention
-implementation that ignores the packing. The recipes verify the plain model before the DeepSpeed
+`packed_logits` lays the batch out as a few rows of real tokens, in one of two ways, whichever a
+FLOP estimate (linear layers ∝ rows × width, attention ∝ rows × width²) finds cheaper:
+
+* **packed**: sequences placed whole, first-fit decreasing, each token at the position it has in
+  its own sequence; the model builds the block-diagonal causal mask from the restarting position
+  ids (transformers' `find_packed_sequence_indices`: sdpa, eager and flash attention paths).
+* **tree**: rows sorted so that rows sharing a prefix are adjacent, and each packed row holds the
+  prefix tree (trie) of its sequences: a shared prefix once, then every continuation; a token
+  attends to exactly its ancestors in the tree (an explicit 4-D mask), at its depth as position.
+  This is the causal mask of each sequence, written once for the shared part. (sdpa / eager only.)
+
+The logits are then gathered back into the padded (B, T, V) layout (a shared position feeds every
+row that contains it; its gradient is the sum of theirs, as it is for the copies in a padded batch),
+so every loss downstream runs unchanged. Only float rounding differs from the padded forward.
+
+Each layout is used only once checked: `verify` compares the padded logits of a model with both
+layouts once, on a small synthetic batch with shared prefixes, and a layout that differs (e.g. a
+model with absolute position embeddings, an attention implementation that ignores the mask) is not
+used for that model again, with a warning. The recipes verify the plain model before the DeepSpeed
 engine wraps it (a lazy first check inside a multi-process step would add forwards, hence ZeRO-3
 collectives, on some ranks only).
 
@@ -30,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,8 +49,20 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("POSTTRAIN_PACKING", "1") != "0"  # POSTTRAIN_PACKING=0: always the padded forward
-CHECK_ATOL = 1e-4  # |packed - padded| on the logits of real tokens, fp32
-_verdicts: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+CHECK_ATOL = 1e-4  # |packed - padded| on the logits of real tokens, fp32, relative to max(1, |logit|)
+WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # row widths tried, in multiples of the longest row
+_verdicts: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Layout:
+    mode: str  # "packed" or "tree"
+    width: int  # tokens per packed row
+    bins: list[list[int]]  # sequence indices of each packed row (tree: in sorted order)
+    cost: float
+
+
+# ----------------------------------------------------------------------------- planning
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
@@ -67,6 +91,35 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def tree_bins(rows: list[list[int]], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """Sequences in lexicographic order, cut greedily into bins whose prefix trees have at most
+    `capacity` nodes (a sequence longer than that gets a bin of its own). Returns the bins and the
+    node count of each. In sorted order a sequence's longest common prefix with any earlier member
+    of its bin is the one with its predecessor, so it adds len - lcp(predecessor) nodes."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    prev = None
+    for i in order:
+        add = len(rows[i]) - (_lcp(rows[prev], rows[i]) if prev is not None else 0)
+        if not bins or sizes[-1] + add > capacity:
+            bins.append([i])
+            sizes.append(len(rows[i]))
+        else:
+            bins[-1].append(i)
+            sizes[-1] += add
+        prev = i
+    return bins, sizes
+
+
 def _unit_costs(config) -> tuple[float, float]:
     """FLOPs (per layer, forward) of one token through the linear layers, and of one attention pair."""
     d = getattr(config, "hidden_size", None) or 256
@@ -74,27 +127,42 @@ def _unit_costs(config) -> tuple[float, float]:
     return 8 * d * d + 6 * d * inter, 4 * d  # q,k,v,o + gate,up,down (x2 mul-add); q·k and p·v
 
 
-def plan(lengths: list[int], config=None) -> tuple[int, list[list[int]], float]:
-    """(capacity, bins, estimated cost) minimising estimated FLOPs over capacities 1×..4× the longest."""
-    per_token, per_pair = _unit_costs(config)
-    longest = max(lengths)
-    best = None
-    for mult in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
-        bins = first_fit_decreasing(lengths, max(longest, int(longest * mult)))
-        cap = max(sum(lengths[i] for i in b) for b in bins)  # trim unused room
-        cost = len(bins) * cap * (per_token + cap * per_pair)
-        if best is None or cost < best[2]:
-            best = (cap, bins, cost)
-    return best
-
-
-def padded_cost(n_rows: int, width: int, config=None) -> float:
+def _cost(n_rows: int, width: int, config) -> float:
     per_token, per_pair = _unit_costs(config)
     return n_rows * width * (per_token + width * per_pair)
 
 
+def plan(lengths: list[int], config=None, rows: list[list[int]] | None = None,
+         modes: tuple[str, ...] = ("packed", "tree")) -> Layout:
+    """The cheapest layout (by the FLOP estimate) over the modes and widths tried."""
+    longest = max(lengths)
+    best: Layout | None = None
+    for mult in WIDTHS:
+        cap = max(longest, int(longest * mult))
+        if "packed" in modes:
+            bins = first_fit_decreasing(lengths, cap)
+            width = max(sum(lengths[i] for i in b) for b in bins)  # trim unused room
+            cand = Layout("packed", width, bins, _cost(len(bins), width, config))
+            if best is None or cand.cost < best.cost:
+                best = cand
+        if "tree" in modes and rows is not None:
+            bins, sizes = tree_bins(rows, cap)
+            width = max(sizes)
+            cand = Layout("tree", width, bins, _cost(len(bins), width, config))
+            if best is None or cand.cost < best.cost:
+                best = cand
+    return best
+
+
+def padded_cost(n_rows: int, width: int, config=None) -> float:
+    return _cost(n_rows, width, config)
+
+
+# ----------------------------------------------------------------------------- building the rows
+
+
 def pack(input_ids: torch.Tensor, lengths: list[int], pad_id: int, capacity: int, bins: list[list[int]]):
-    """(packed ids (R, C), position ids (R, C), gather index (B*T,) into the flattened (R*C) rows).
+    """Packed layout: (ids (R, C), position ids (R, C), gather index (B*T,) into the flattened rows).
     The index of a padded position points at flat position 0 (its value is arbitrary, as a pad's)."""
     b, t = input_ids.shape
     n_flat = len(bins) * capacity
@@ -120,6 +188,44 @@ def pack(input_ids: torch.Tensor, lengths: list[int], pad_id: int, capacity: int
             torch.from_numpy(index).to(dev))
 
 
+def tree_pack(rows: list[list[int]], width: int, bins: list[list[int]], pad_id: int, t: int):
+    """Tree layout: (ids (R, C), position ids (R, C), ancestor mask (R, 1, C, C) bool, gather index
+    (B*T,)). Within a bin, a sequence reuses the nodes of its predecessor's first lcp tokens and
+    adds nodes for the rest; node j attends to node i iff i is j or an ancestor of j. Unused slots
+    attend to themselves only (no all-masked row, no nan)."""
+    n_rows = len(bins)
+    ids = np.full((n_rows, width), pad_id, dtype=np.int64)
+    pos = np.zeros((n_rows, width), dtype=np.int64)
+    mask = np.zeros((n_rows, width, width), dtype=bool)
+    index = np.zeros(len(rows) * t, dtype=np.int64)
+    tri = np.tril(np.ones((width, width), dtype=bool))
+    for r, members in enumerate(bins):
+        used = 0
+        prev_nodes: np.ndarray | None = None
+        prev_row: list[int] | None = None
+        for i in members:
+            row = rows[i]
+            n = len(row)
+            keep = _lcp(prev_row, row) if prev_row is not None else 0
+            nodes = np.empty(n, dtype=np.int64)
+            if keep:
+                nodes[:keep] = prev_nodes[:keep]
+            fresh = n - keep
+            nodes[keep:] = np.arange(used, used + fresh)
+            ids[r, used : used + fresh] = row[keep:]
+            pos[r, used : used + fresh] = np.arange(keep, n)
+            mask[r][np.ix_(nodes[keep:], nodes)] = tri[keep:n, :n]
+            index[i * t : i * t + n] = r * width + nodes
+            used += fresh
+            prev_nodes, prev_row = nodes, row
+        free = np.arange(used, width)
+        mask[r, free, free] = True
+    return (torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask)[:, None], torch.from_numpy(index))
+
+
+# ----------------------------------------------------------------------------- forwards
+
+
 def _unwrap(model):
     return getattr(model, "module", model)  # a DeepSpeed engine wraps the module
 
@@ -128,12 +234,29 @@ def _padded_logits(model, input_ids, attention_mask, **kw) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
 
-def _packed(model, input_ids, lengths, pad_id, layout, **kw) -> torch.Tensor:
-    capacity, bins, _ = layout
-    ids, pos, index = pack(input_ids, lengths, pad_id, capacity, bins)
-    logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits  # (R, C, V)
-    b, t = input_ids.shape
+def _gather(logits: torch.Tensor, index: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1]).index_select(0, index).view(b, t, -1)
+
+
+def _attn_impl(module) -> str | None:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def _forward(model, input_ids, lengths, pad_id, layout: Layout, **kw) -> torch.Tensor:
+    b, t = input_ids.shape
+    if layout.mode == "packed":
+        ids, pos, index = pack(input_ids, lengths, pad_id, layout.width, layout.bins)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits  # (R, C, V)
+        return _gather(logits, index, b, t)
+    rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)]
+    ids, pos, mask, index = tree_pack(rows, layout.width, layout.bins, pad_id, t)
+    dev = input_ids.device
+    dtype = next(_unwrap(model).parameters()).dtype
+    if _attn_impl(_unwrap(model)) == "eager":  # eager adds the mask: additive, 0 where attended
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False,
+                   **kw).logits
+    return _gather(logits, index.to(dev), b, t)
 
 
 def _distributed() -> bool:
@@ -143,32 +266,35 @@ def _distributed() -> bool:
 def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0,
                   **kw) -> torch.Tensor:
     """`model(input_ids=..., attention_mask=...).logits` of a right-padded batch, (B, T, V), computed
-    on the real tokens only (see the module docstring). Values at padded positions are arbitrary
-    finite numbers, as in a padded forward: callers mask them. Falls back to exactly that padded
-    call for left-padded or unpadded batches, when packing would save < 5%, and for models that
-    failed (or, inside a multi-process run, never had) the check of `verify`.
+    on the real tokens only, shared prefixes once (see the module docstring). Values at padded
+    positions are arbitrary finite numbers, as in a padded forward: callers mask them. Falls back to
+    exactly that padded call for left-padded or unpadded batches, when no layout saves >= 5%, and
+    for models that failed (or, inside a multi-process run, never had) the check of `verify`.
 
-    Every call runs exactly one forward of `model`, packed or not, so ranks that decide differently
-    still run the same collectives (ZeRO-3 gathers parameters module by module)."""
+    Every call runs exactly one forward of `model`, whatever the layout, so ranks that decide
+    differently still run the same collectives (ZeRO-3 gathers parameters module by module)."""
     key = _unwrap(model)
-    verdict = _verdicts.get(key) if ENABLED else False
-    if verdict is None and not _distributed():
-        verdict = verify(key)
-    if not verdict:
+    verdict = _verdicts.get(key) if ENABLED else {}
+    if verdict is None:
+        verdict = {} if _distributed() else verify(key)
+    modes = tuple(m for m in ("packed", "tree") if verdict.get(m))
+    if not modes:
         return _padded_logits(model, input_ids, attention_mask, **kw)
     lengths = right_padded_lengths(attention_mask)
-    if lengths is None or min(lengths) == 0 or min(lengths) == input_ids.shape[1]:
+    if lengths is None or min(lengths) == 0:
         return _padded_logits(model, input_ids, attention_mask, **kw)
+    rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)] if "tree" in modes else None
     config = getattr(key, "config", None)
-    layout = plan(lengths, config)
-    if layout[2] >= 0.95 * padded_cost(len(lengths), input_ids.shape[1], config):
+    layout = plan(lengths, config, rows, modes)
+    if layout.cost >= 0.95 * padded_cost(len(lengths), input_ids.shape[1], config):
         return _padded_logits(model, input_ids, attention_mask, **kw)
-    return _packed(model, input_ids, lengths, pad_id, layout, **kw)
+    return _forward(model, input_ids, lengths, pad_id, layout, **kw)
 
 
-def verify(model) -> bool:
-    """Check once per model that the packed forward gives its padded logits (on a small synthetic batch
-    with several sequences in one packed row, in eval mode), remember the verdict, and return it.
+def verify(model) -> dict[str, bool]:
+    """Check once per model that each layout gives its padded logits (a small synthetic batch with
+    shared prefixes and several sequences per row, in eval mode, no grad); remember and return the
+    verdicts {"packed": bool, "tree": bool}.
 
     The recipes call this on the plain model before the engine wraps it: inside a multi-process
     run a first check would add forwards (hence ZeRO-3 collectives) on some ranks only, so there
@@ -178,36 +304,48 @@ def verify(model) -> bool:
         return _verdicts[module]
     config = getattr(module, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    if vocab < 2:
-        _verdicts[module] = False
-        return False
-    lengths = [8, 5, 3, 2]  # packs as [8], [5, 3], [2] at capacity 8: a row holds two sequences
+    verdict = {"packed": False, "tree": False}
+    if vocab < 8:
+        _verdicts[module] = verdict
+        return verdict
     g = torch.Generator().manual_seed(0)
+    stem = torch.randint(1, vocab, (6,), generator=g).tolist()
+    rows = [stem + torch.randint(1, vocab, (k,), generator=g).tolist() for k in (3, 5, 1)]  # share 6 tokens
+    rows += [torch.randint(1, vocab, (k,), generator=g).tolist() for k in (8, 4, 2)]
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
     device = next(module.parameters()).device
-    ids = torch.randint(1, vocab, (len(lengths), max(lengths)), generator=g).to(device)
-    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().to(device)
-    ids = ids.masked_fill(mask == 0, 0)
-    layout = (max(lengths), first_fit_decreasing(lengths, max(lengths)), 0.0)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    ids = ids.to(device)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long().to(device)
+    layouts = {"packed": Layout("packed", width, first_fit_decreasing(lengths, width), 0.0)}
+    if _attn_impl(module) in ("sdpa", "eager"):
+        bins, sizes = tree_bins(rows, 2 * width)
+        layouts["tree"] = Layout("tree", max(sizes), bins, 0.0)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
             ref = _padded_logits(module, ids, mask)
-            got = _packed(module, ids, lengths, 0, layout)
-    except Exception as e:  # noqa: BLE001 - a model whose forward takes no position_ids / use_cache
-        logger.warning("padding-free forward unavailable for %s (%s); using padded batches", type(module).__name__, e)
-        _verdicts[module] = False
-        return False
+            real = mask.bool()
+            scale = max(1.0, ref[real].abs().max().item())
+            for mode, layout in layouts.items():
+                try:
+                    got = _forward(module, ids, lengths, 0, layout)
+                    diff = (ref[real] - got[real]).abs().max().item()
+                    verdict[mode] = diff <= CHECK_ATOL * scale
+                    if not verdict[mode]:
+                        logger.warning("%s forward differs from the padded one for %s (max |Δlogit| %.2e); not used",
+                                       mode, type(module).__name__, diff)
+                except Exception as e:  # noqa: BLE001 - a forward that takes no position_ids / 4-D mask
+                    logger.warning("%s forward unavailable for %s (%s); not used", mode, type(module).__name__, e)
     finally:
         module.train(was_training)
-    real = mask.bool()
-    diff = (ref[real] - got[real]).abs().max().item()
-    ok = diff <= CHECK_ATOL * max(1.0, ref[real].abs().max().item())
-    if not ok:
-        logger.warning("padding-free forward differs from the padded one for %s (max |Δlogit| %.2e); "
-                       "using padded batches", type(module).__name__, diff)
-    _verdicts[module] = ok
-    return ok
+    _verdicts[module] = verdict
+    return verdict
 
 
-__all__ = ["packed_logits", "verify", "pack", "plan", "first_fit_decreasing", "right_padded_lengths"]
+__all__ = ["packed_logits", "verify", "plan", "pack", "tree_pack", "tree_bins", "first_fit_decreasing",
+           "right_padded_lengths", "Layout"]

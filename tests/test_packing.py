@@ -1,0 +1,122 @@
+"""Padding-free forwards (models/packing.py): the packed and prefix-tree layouts give the padded
+batch's logits and gradients, and anything unverified falls back to the padded forward."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import models.packing as P
+
+
+@pytest.fixture(scope="module")
+def model():
+    from models.tiny_model import build_tiny_model
+    from models.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    return build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def _batch(rows: list[list[int]]):
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    return ids, mask
+
+
+# a GRPO-like batch: two prompts, three completions each (sharing some of their first tokens too)
+ROWS = [
+    [1, 10, 11, 12, 20, 21, 22, 23], [1, 10, 11, 12, 20, 21, 30], [1, 10, 11, 12, 40, 41, 42, 43, 44, 45],
+    [1, 15, 16, 50, 51], [1, 15, 16, 50, 52, 53, 54], [1, 15, 16, 60],
+]
+
+
+def test_tree_bins_share_prefixes_and_respect_capacity():
+    bins, sizes = P.tree_bins(ROWS, capacity=100)
+    assert len(bins) == 1 and sorted(bins[0]) == list(range(len(ROWS)))
+    # trie nodes: 1; 10 11 12; 20 21 22 23; 30; 40..45; 15 16; 50 51; 52 53 54; 60
+    assert sizes == [1 + 3 + 4 + 1 + 6 + 2 + 2 + 3 + 1]
+    bins, sizes = P.tree_bins(ROWS, capacity=12)
+    assert all(s <= 12 or len(b) == 1 for b, s in zip(bins, sizes))
+    assert sorted(i for b in bins for i in b) == list(range(len(ROWS)))
+
+
+def test_tree_mask_is_each_sequences_causal_mask():
+    ids, pos, mask, index = P.tree_pack(ROWS, 23, [list(range(len(ROWS)))], pad_id=0, t=10)
+    flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
+    for b, row in enumerate(ROWS):
+        nodes = index[b * 10 : b * 10 + len(row)]
+        assert flat_ids[nodes].tolist() == row and flat_pos[nodes].tolist() == list(range(len(row)))
+        for t, node in enumerate(nodes.tolist()):
+            attended = set(torch.nonzero(mask[0, 0, node]).flatten().tolist())
+            assert attended == set(nodes[: t + 1].tolist())  # exactly its own prefix
+    assert mask[0, 0].any(-1).all()  # unused slots attend to themselves: no all-masked row
+
+
+@pytest.mark.parametrize("mode", ["packed", "tree"])
+def test_layouts_give_the_padded_logits_and_gradients(model, mode):
+    assert P.verify(model) == {"packed": True, "tree": True}
+    ids, mask = _batch(ROWS)
+    lengths = mask.sum(-1).tolist()
+    layout = P.plan(lengths, model.config, [r[:] for r in ROWS], (mode,))
+    assert layout.mode == mode
+    model.zero_grad()
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    ref[mask.bool()].logsumexp(-1).sum().backward()
+    g_ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = P._forward(model, ids, lengths, 0, layout)
+    got[mask.bool()].logsumexp(-1).sum().backward()
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ref, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(got).all()
+
+
+def test_packed_logits_picks_a_cheaper_layout_and_matches(model):
+    rows = [ROWS[i % len(ROWS)] for i in range(24)]  # repeated prompts: the tree pays
+    ids, mask = _batch(rows)
+    lengths = mask.sum(-1).tolist()
+    assert P.plan(lengths, model.config, rows).mode == "tree"
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        got = P.packed_logits(model, ids, mask)
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+class NoPositions(torch.nn.Module):
+    """A model that ignores position_ids and masks (as absolute-position or odd models may): the
+    check must catch it and keep the padded forward."""
+
+    def __init__(self, vocab=32):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab, hidden_size=8, intermediate_size=16, _attn_implementation="sdpa")
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.out = torch.nn.Linear(8, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        h = self.emb(input_ids).cumsum(1)  # depends on every earlier token in the row, packed or not
+        return SimpleNamespace(logits=self.out(h))
+
+
+def test_a_model_that_fails_the_check_keeps_the_padded_forward():
+    m = NoPositions()
+    assert P.verify(m) == {"packed": False, "tree": False}
+    ids, mask = _batch([[1, 2, 3, 4], [1, 2], [5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(P.packed_logits(m, ids, mask), m(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_left_padded_and_unpadded_batches_use_the_plain_forward(model):
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert P.right_padded_lengths(left) is None
+    with torch.no_grad():
+        torch.testing.assert_close(P.packed_logits(model, ids, left), model(input_ids=ids, attention_mask=left).logits)
+        full = torch.ones_like(ids)
+        torch.testing.assert_close(P.packed_logits(model, ids, full), model(input_ids=ids, attention_mask=full).logits)
