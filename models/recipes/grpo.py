@@ -174,8 +174,23 @@ def completion_logprobs(model, batch: dict, temperature: float) -> tuple[torch.T
     return token_logprobs(logits, batch["input_ids"][:, 1:], temperature), logits
 
 
+def _forward_counts_must_match(engine, ctx: StepContext) -> bool:
+    """Under ZeRO-3 on several ranks every forward gathers parameters with collectives, so every rank
+    must run the same number of forwards whatever its rows are."""
+    module = getattr(engine, "module", engine)
+    first = next(iter(module.parameters()), None)
+    return ctx.world_size > 1 and first is not None and hasattr(first, "ds_id")
+
+
 def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
-    """step_fn for run_loop: the chunk's share of the global GRPO loss and additive metrics."""
+    """step_fn for run_loop: the chunk's share of the global GRPO loss and additive metrics.
+
+    Rows with weight 0 (zero-std groups with `skip_zero_std_groups`) are outside the loss mask and the
+    normaliser: their gradient is exactly zero. So they get no backward (and no reference forward):
+    they take one forward without autograd for the metrics that count every row (entropy,
+    logprob_gap), and the loss and its gradient are those of the weighted rows alone, the same
+    values as with every row in one batch (up to float rounding). A chunk with no weighted row, and
+    ZeRO-3 on several ranks (where forwards are collective), keep the single forward of every row."""
 
     def step(engine, chunk: list[dict], ctx: StepContext):
         gb = ctx.global_batch
@@ -184,7 +199,11 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
         kept_tokens = max(1, sum(len(it["completion_ids"]) for it in gb if it["weight"] > 0))
         all_tokens = max(1, sum(len(it["completion_ids"]) for it in gb))
 
-        batch = collate_rollouts(chunk, pad_id)
+        live = [it for it in chunk if it["weight"] > 0]
+        idle = [it for it in chunk if it["weight"] <= 0]
+        if not live or not idle or _forward_counts_must_match(engine, ctx):
+            live, idle = chunk, []
+        batch = collate_rollouts(live, pad_id)
         logprobs, logits = completion_logprobs(engine, batch, cfg.temperature)
         cmask = batch["completion_mask"]
         loss_mask = cmask & (batch["weights"] > 0).unsqueeze(-1)
@@ -201,6 +220,11 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
             # Entropy of the sampled distribution, from the same forward pass.
             entropy = masked_sum(entropy_from_logits(logits.detach() / cfg.temperature), cmask)
             gap = masked_sum((logprobs.detach() - batch["behaviour"]).abs(), cmask)
+            if idle:
+                ib = collate_rollouts(idle, pad_id)
+                ilp, ilogits = completion_logprobs(engine, ib, cfg.temperature)
+                entropy = entropy + masked_sum(entropy_from_logits(ilogits / cfg.temperature), ib["completion_mask"])
+                gap = gap + masked_sum((ilp - ib["behaviour"]).abs(), ib["completion_mask"])
         share = float(loss_mask.sum()) / kept_tokens  # grpo_loss metrics are means over loss_mask
         metrics = {
             "loss": float(loss.detach()),
