@@ -9,6 +9,12 @@ only reward, group-scaled advantages, clip ε 0.2 / ε_high 0.28, token-mean los
 clip 1.0), lr 3e-5 constant, fp32, the same threads, metrics logged every step, never saving.
 β > 0 (0.04, the GRPO paper's) loads the frozen reference model on both sides.
 
+What differs by design: posttrain gives the rows of zero-std groups (all 8 rewards equal: advantage 0,
+weight 0 under its default `skip_zero_std_groups`) no backward, since their gradient is exactly zero
+(β = 0; at β > 0 they are out of its loss by that setting); TRL computes them. The fraction of such
+groups is reported on both sides (`mean_frac_zero_std_groups`; the bench base gives ~25%, the r1
+recipe's GRPO stage ~14%).
+
 A step is the wall time from one optimizer step's end to the next (posttrain: run_loop's
 `step_seconds`; TRL: TrainerCallback on_step_end marks), the median after the warm-up steps.
 Generation time is measured beside it on both sides (instrumentation wrappers only) and so are the
@@ -54,7 +60,8 @@ def posttrain_side(p: dict) -> dict:
                            "workdir": str(Path(p["tmp"]) / "work")})
     rows = read_metrics(res["metrics_path"])
     return {"step_seconds": [r["step_seconds"] for r in rows], "generate_seconds": gen_s,
-            "completion_length": [r["completion_length"] for r in rows], "reward": [r["reward_mean"] for r in rows]}
+            "completion_length": [r["completion_length"] for r in rows], "reward": [r["reward_mean"] for r in rows],
+            "frac_zero_std": [r["frac_zero_std"] for r in rows]}
 
 
 def trl_side(p: dict) -> dict:
@@ -96,7 +103,8 @@ def trl_side(p: dict) -> dict:
     logs = [lg for lg in trainer.state.log_history if "completions/mean_length" in lg]
     return {"step_seconds": timer.step_seconds, "generate_seconds": gen_s,
             "completion_length": [lg["completions/mean_length"] for lg in logs],
-            "reward": [lg.get("reward") for lg in logs]}
+            "reward": [lg.get("reward") for lg in logs],
+            "frac_zero_std": [lg.get("frac_reward_zero_std") for lg in logs]}
 
 
 def main() -> None:
@@ -133,9 +141,11 @@ def main() -> None:
             secs = [t for r in rs for t in r["step_seconds"][warmup:]]
             gens = [t for r in rs for t in r["generate_seconds"][warmup:]]
             lens = [x for r in rs for x in r["completion_length"][warmup:]]
+            zs = [x for r in rs for x in r["frac_zero_std"][warmup:] if x is not None]
             entry[side] = {"step_seconds": common.summarize(secs, 0),
                            "generate_seconds": common.summarize(gens, 0) if gens else None,
                            "mean_completion_length": statistics.fmean(lens) if lens else None,
+                           "mean_frac_zero_std_groups": statistics.fmean(zs) if zs else None,
                            "rewards": [r["reward"] for r in rs]}
         entry["speedup"] = (common.ratio(entry["trl"]["step_seconds"]["median"], entry["posttrain"]["step_seconds"]["median"])
                             if "trl" in entry else None)

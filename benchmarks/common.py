@@ -7,9 +7,12 @@
 * Workers: a side that needs a clean process (TRL's accelerate state, DeepSpeed's process group)
   runs as `python -m benchmarks.<script> --worker SIDE --payload FILE`; the parent runs the sides
   back to back in one invocation and compares them (`run_worker`).
-* The bench base: the built-in 1.8M-parameter Llama after a short plain-torch SFT on the built-in
-  task, so that it closes `</answer>` like the models the RL stages start from (completion lengths
-  matter for generation). Built once and cached under `.posttrain/bench/` (`bench_base`).
+* The bench base: the built-in 1.8M-parameter Llama after 800 plain-torch SFT steps on the built-in
+  task, so that it behaves like the models the RL stages start from: it closes `</answer>`
+  (completion lengths matter for generation), solves ~40% of sampled problems and ~25% of its
+  8-sample groups are all-right or all-wrong (the r1 recipe's GRPO stage: ~33% and ~14%), which
+  matters for GRPO's skipped zero-advantage rows. Built once and cached under `.posttrain/bench/`
+  (`bench_base`).
 * Results: every script merges its headline key(s) into `benchmarks/results.json` (or `--out`) and
   re-renders `results.md` (`record`).
 """
@@ -58,7 +61,7 @@ DESCRIPTIONS = {
 }
 
 # Settings of the bench base and the GRPO-sized workloads (the r1 recipe's GRPO stage).
-BASE_SFT_STEPS = 200
+BASE_SFT_STEPS = 800
 NUM_PROMPTS, NUM_GENERATIONS, MAX_NEW_TOKENS = 16, 8, 72
 SFT_BATCH = 16
 DPO_PAIRS = 16
@@ -409,7 +412,7 @@ def _train_base(out: Path, arch: dict, steps: int, threads: int) -> None:
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tok, tmp)
-    (tmp / "bench-base.json").write_text(json.dumps({"sft_steps": steps, "final_loss": float(loss), "arch": arch}))
+    (tmp / "bench-base.json").write_text(json.dumps({"sft_steps": steps, "final_loss": loss.item(), "arch": arch}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     (out / ".complete").write_text("ok\n")
