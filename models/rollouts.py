@@ -4,9 +4,16 @@ rejection sampling.
 `sample` runs its own decoding loop on the model's KV cache instead of `model.generate`, for two
 reasons: (1) it returns the log-prob of every sampled token under the distribution it was *actually*
 drawn from (after temperature / top-k / top-p), which the RL losses need as the behaviour policy;
-(2) it is faster on CPU for small models: it drops finished rows from the batch (and the cache), asks
-the LM head for the last position only, and builds the decoding-step attention mask itself instead of
-going through generate's logits processors and stopping criteria every step.
+(2) it does less work: samples of one prompt share one prefill and, while their histories agree, one
+row of the batch and of the KV cache (a row forks when its samples draw different tokens; every sample
+still draws its own token independently from its own history's distribution), finished rows leave
+the batch (and the cache), the LM head runs on the last position only, and the decoding-step attention
+mask and attention are its own instead of generate's logits processors and stopping criteria. On the
+built-in task, where the G samples of a prompt agree on most of their tokens, that is ~2x fewer
+decoded rows than one row per sample.
+
+The samples a seed gives depend on this layout (the random draws are taken per shared row), not
+their distribution: each is drawn from softmax(filtered logits / T) of its own history.
 
 What it does not do: beam search, repetition penalties, streaming. `top_k` defaults to 0 (off) on
 purpose: transformers' generation config silently defaults to `top_k=50`, which makes the sampled
@@ -78,19 +85,6 @@ def filtered_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_
     return torch.log_softmax(scores, dim=-1)
 
 
-def _choose_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the next token of each row and its behaviour log-prob. logits: (B, V) -> ((B,), (B,))."""
-    if params.greedy:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tokens = logp.argmax(-1)
-    else:
-        logp = filtered_logprobs(logits, params.temperature, params.top_k, params.top_p)
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
 # --------------------------------------------------------------------------------------------------
 # stop handling
 
@@ -135,10 +129,12 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _make_cache(model, max_len: int):
-    """A KV cache that writes into buffers preallocated for `max_len` positions and hands attention a view
-    of the filled part. transformers' DynamicCache `torch.cat`s every layer's keys and values each step,
-    which on CPU costs more than the matmuls of a small model (measured: ~60% of a decoding step)."""
+def _make_cache(model, max_len: int, max_rows: int | None = None):
+    """A KV cache that writes into buffers preallocated for `max_len` positions (and `max_rows` rows)
+    and hands attention a view of the filled part. transformers' DynamicCache `torch.cat`s every
+    layer's keys and values each step, which on CPU costs more than the matmuls of a small model
+    (measured: ~60% of a decoding step). Rows can be re-selected (`batch_select_indices`, repeats
+    allowed) and copied to the end (`append_rows`), copying only the filled positions."""
     from transformers import DynamicCache
 
     cfg = model.config
@@ -154,21 +150,27 @@ def _make_cache(model, max_len: int):
         def __init__(self):
             super().__init__()
             self.length = 0
+            self.rows = 0
 
         def lazy_initialization(self, key_states, value_states):
             super().lazy_initialization(key_states, value_states)
             b, h, _, dk = key_states.shape
-            self._k = key_states.new_zeros((b, h, max_len, dk))
-            self._v = value_states.new_zeros((b, h, max_len, value_states.shape[-1]))
+            cap = max(b, max_rows or 0)
+            self._k = key_states.new_zeros((cap, h, max_len, dk))
+            self._v = value_states.new_zeros((cap, h, max_len, value_states.shape[-1]))
+            self.rows = b
+
+        def _views(self):
+            self.keys, self.values = self._k[: self.rows, :, : self.length], self._v[: self.rows, :, : self.length]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.shape[-2]
-            self._k[:, :, self.length : end] = key_states
-            self._v[:, :, self.length : end] = value_states
+            self._k[: self.rows, :, self.length : end] = key_states
+            self._v[: self.rows, :, self.length : end] = value_states
             self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            self._views()
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -178,14 +180,36 @@ def _make_cache(model, max_len: int):
             if self.is_initialized:
                 # copy the filled positions only (fresh buffers keep the room for the tokens to come)
                 self._k, self._v = self._select(self._k, indices), self._select(self._v, indices)
-                self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+                self.rows = indices.numel()
+                self._views()
 
         def _select(self, buf, indices):
-            out = buf.new_empty((indices.numel(), *buf.shape[1:]))
-            torch.index_select(buf[:, :, : self.length], 0, indices, out=out[:, :, : self.length])
+            m = indices.numel()
+            out = buf.new_empty((max(m, buf.shape[0]), *buf.shape[1:]))
+            torch.index_select(buf[: self.rows, :, : self.length], 0, indices, out=out[:m, :, : self.length])
             return out
 
+        def append_rows(self, indices):
+            if self.is_initialized:
+                m = indices.numel()
+                if self.rows + m > self._k.shape[0]:
+                    self.batch_select_indices(torch.cat([torch.arange(self.rows, device=indices.device), indices]))
+                    return
+                for buf in (self._k, self._v):
+                    buf[self.rows : self.rows + m, :, : self.length] = buf[indices, :, : self.length]
+                self.rows += m
+                self._views()
+
     return Cache(layers=[PreallocatedLayer() for _ in range(model.config.num_hidden_layers)])
+
+
+def _append_rows(cache, src: torch.Tensor, rows: int) -> None:
+    """Copies of cache rows `src` after the first `rows` rows (any cache: a full re-select if need be)."""
+    for layer in cache.layers:
+        if hasattr(layer, "append_rows"):
+            layer.append_rows(src)
+        else:
+            layer.batch_select_indices(torch.cat([torch.arange(rows, device=src.device), src]))
 
 
 DECODE_ATTENTION = "posttrain_decode"
@@ -250,77 +274,114 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def _draw(logits: torch.Tensor, k: int, params: SamplingParams, generator: torch.Generator):
+    """k independent draws per row from the sampling distribution of `logits` (U, V), with their
+    behaviour log-probs: ((U, k) tokens, (U, k) log-probs). Greedy: the argmax, k times."""
+    if params.greedy:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        draws = logp.argmax(-1, keepdim=True).expand(-1, k)
+    else:
+        logp = filtered_logprobs(logits, params.temperature, params.top_k, params.top_p)
+        draws = torch.multinomial(logp.exp(), k, replacement=True, generator=generator)
+    return draws, logp.gather(-1, draws)
+
+
 def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, generator, pad_id, cache_kw):
-    """Decode one chunk of left-padded prompts. Returns per row (tokens, logprobs, finish_reason)."""
+    """Decode one chunk of left-padded prompts. Returns per row (tokens, logprobs, finish_reason).
+
+    Rows whose histories are identical so far share one *slot* of the batch and of the KV cache: the
+    samples of one prompt (adjacent rows) start as a single slot after a single prefill, and a slot
+    forks when its members draw different tokens. Every member draws its own token, independently,
+    from its slot's distribution, which is the distribution of its own history: each row is sampled
+    exactly as it would be alone, and each distinct history is computed once (a policy that agrees
+    with itself across the G samples of a prompt, as RL policies soon do, decodes far fewer rows).
+    Finished slots leave the batch once they are an eighth of it."""
     device = next(model.parameters()).device
     n = len(rows)
-    # the samples of one prompt are adjacent: prefill each distinct prompt once, then copy its cache rows
     is_first = [i == 0 or rows[i] != rows[i - 1] for i in range(n)]
-    first_of_run = [i for i in range(n) if is_first[i]]
-    run_of_row = (torch.tensor(is_first).long().cumsum(0) - 1).to(device)  # (n,) index into first_of_run
-    ids, mask = _left_pad([rows[i] for i in first_of_run], pad_id)
+    members: list[list[int]] = []
+    for i in range(n):
+        if is_first[i]:
+            members.append([])
+        members[-1].append(i)
+    ids, mask = _left_pad([rows[m[0]] for m in members], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     # HF Llama's generate derives positions from the mask; do the same so left padding is invisible
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = _make_cache(model, ids.shape[1] + params.max_new_tokens)
+    cache = _make_cache(model, ids.shape[1] + params.max_new_tokens, max_rows=n)
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache}
     )
-    logits = out.logits[:, -1, :][run_of_row]
-    if len(first_of_run) < n:
-        for layer in cache.layers:
-            layer.batch_select_indices(run_of_row)
-    mask, positions = mask[run_of_row], positions[run_of_row]
-    next_pos = positions[:, -1:] + 1  # (n, 1)
-    # additive mask over the cached keys, (n, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs.
+    logits = out.logits[:, -1, :]
+    next_pos = positions[:, -1:] + 1  # (slots, 1)
+    # additive mask over the cached keys, (slots, 1, 1, kv); 0 = attend. finfo.min, not -inf: no NaNs.
     # Allocated once for every position to come (new tokens are attended: 0); each step passes a view.
     neg = torch.finfo(model.dtype if model.dtype.is_floating_point else torch.float32).min
     kv_len = mask.shape[1]
-    add_mask = mask.new_zeros((n, 1, 1, kv_len + params.max_new_tokens), dtype=model.dtype)
+    add_mask = mask.new_zeros((len(members), 1, 1, kv_len + params.max_new_tokens), dtype=model.dtype)
     add_mask[:, 0, 0, :kv_len] = (1 - mask).to(model.dtype) * neg
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     reasons = ["length"] * n
-    active = torch.arange(n)  # chunk-row index of each row still in the batch
-    alive = [True] * n  # per chunk row: still decoding
+    alive = [True] * len(members)  # per slot: still decoding
     stop_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     eos_t = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     with _decode_attention_for(model):
         for step in range(params.max_new_tokens):
-            chosen, chosen_logp = _choose_tokens(logits, params, generator)
-            is_stop = torch.isin(chosen, stop_t)
-            is_eos = torch.isin(chosen, eos_t)
-            chosen_l, logp_l = chosen.tolist(), chosen_logp.tolist()
-            stop_l, eos_l = is_stop.tolist(), is_eos.tolist()
-            keep: list[int] = []
-            for j, row in enumerate(active.tolist()):
-                if not alive[row]:  # finished earlier, awaiting compaction: ignore its garbage tokens
+            k = max(len(m) for m, a in zip(members, alive) if a)
+            draws, draw_lp = _draw(logits, k, params, generator)
+            draws_l, lp_l = draws.tolist(), draw_lp.tolist()
+            stop_l, eos_l = torch.isin(draws, stop_t).tolist(), torch.isin(draws, eos_t).tolist()
+            feed = [0] * len(members)  # next input token per slot (a finished slot's is never read)
+            forks: list[tuple[int, int, list[int]]] = []  # (source slot, token, members)
+            for u, rows_u in enumerate(members):
+                if not alive[u]:
                     continue
-                tokens[row].append(chosen_l[j])
-                logps[row].append(logp_l[j])
-                if stop_l[j]:
-                    reasons[row] = "stop"
-                elif eos_l[j]:
-                    reasons[row] = "eos"
-                elif text_stop_check is not None and text_stop_check(tokens[row]):
-                    reasons[row] = "stop"
-                else:
-                    keep.append(j)
-                    continue
-                alive[row] = False
-            if not keep or step == params.max_new_tokens - 1:
+                groups: dict[int, list[int]] = {}
+                for j, row in enumerate(rows_u):
+                    t = draws_l[u][j]
+                    tokens[row].append(t)
+                    logps[row].append(lp_l[u][j])
+                    groups.setdefault(t, []).append(j)
+                kept = False
+                for t, js in groups.items():
+                    group = [rows_u[j] for j in js]
+                    j0 = js[0]
+                    why = ("stop" if stop_l[u][j0] else "eos" if eos_l[u][j0] else
+                           "stop" if text_stop_check is not None and text_stop_check(tokens[group[0]]) else None)
+                    if why is not None:
+                        for row in group:
+                            reasons[row] = why
+                    elif not kept:  # the first group that goes on keeps the slot
+                        members[u], feed[u], kept = group, t, True
+                    else:  # the others fork: a copy of the slot's cache, fed their own token
+                        forks.append((u, t, group))
+                if not kept:
+                    alive[u] = False
+            live = [u for u in range(len(members)) if alive[u]]
+            if (not live and not forks) or step == params.max_new_tokens - 1:
                 break
-            # drop finished rows once they are an eighth of the batch: fewer copies of the cache, less compute
-            if len(keep) <= active.numel() * 7 // 8:
-                idx = torch.tensor(keep, dtype=torch.long, device=device)
+            # drop finished slots once they are an eighth of the batch: fewer copies of the cache, less compute
+            if len(live) <= len(members) * 7 // 8:
+                src = live + [u for u, _, _ in forks]
+                idx = torch.tensor(src, dtype=torch.long, device=device)
                 for layer in cache.layers:
                     layer.batch_select_indices(idx)
-                active, chosen = active[idx.cpu()], chosen[idx]
+                members = [members[u] for u in live] + [g for _, _, g in forks]
+                feed = [feed[u] for u in live] + [t for _, t, _ in forks]
                 next_pos, add_mask = next_pos[idx], add_mask[idx]
+                alive = [True] * len(members)
+            elif forks:
+                idx = torch.tensor([u for u, _, _ in forks], dtype=torch.long, device=device)
+                _append_rows(cache, idx, len(members))
+                members += [g for _, _, g in forks]
+                feed += [t for _, t, _ in forks]
+                next_pos, add_mask = torch.cat([next_pos, next_pos[idx]]), torch.cat([add_mask, add_mask[idx]])
+                alive += [True] * len(forks)
             kv_len += 1
             out = model(
-                input_ids=chosen[:, None],
+                input_ids=torch.tensor(feed, dtype=torch.long, device=device)[:, None],
                 attention_mask=add_mask[..., :kv_len],
                 position_ids=next_pos,
                 use_cache=True,
