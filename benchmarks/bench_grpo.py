@@ -9,11 +9,16 @@ only reward, group-scaled advantages, clip ε 0.2 / ε_high 0.28, token-mean los
 clip 1.0), lr 3e-5 constant, fp32, the same threads, metrics logged every step, never saving.
 β > 0 (0.04, the GRPO paper's) loads the frozen reference model on both sides.
 
-What differs by design: posttrain gives the rows of zero-std groups (all 8 rewards equal: advantage 0,
-weight 0 under its default `skip_zero_std_groups`) no backward, since their gradient is exactly zero
-(β = 0; at β > 0 they are out of its loss by that setting); TRL computes them. The fraction of such
-groups is reported on both sides (`mean_frac_zero_std_groups`; the bench base gives ~25%, the r1
-recipe's GRPO stage ~14%).
+What differs by design (each exact: same distribution, same loss and gradient up to float rounding):
+posttrain computes what rows share once, both when sampling (the G samples of a prompt share one
+prefill and one decoding row while their tokens agree) and in the update (a prefix-tree layout: each
+prompt once, the samples' common first tokens once; `computed_per_real_token` reports the token
+slots its forwards ran per real token), and gives the rows of zero-std groups (all 8 rewards
+equal: advantage 0, weight 0 under its default `skip_zero_std_groups`) no backward, since their
+gradient is exactly zero (β = 0; at β > 0 they are out of its loss by that setting); TRL computes
+them. The fraction of such groups is reported on both sides (`mean_frac_zero_std_groups`; the bench
+base gives ~25%, the r1 recipe's GRPO stage ~14%). How much is shared depends on the policy: these
+savings are large on the built-in task, whose policies agree with themselves on most tokens.
 
 A step is the wall time from one optimizer step's end to the next (posttrain: run_loop's
 `step_seconds`; TRL: TrainerCallback on_step_end marks), the median after the warm-up steps.
@@ -59,7 +64,9 @@ def posttrain_side(p: dict) -> dict:
     res = grpo.train_grpo({"config": cfg.model_dump(), "base_path": p["base"], "prompts_path": str(probs),
                            "workdir": str(Path(p["tmp"]) / "work")})
     rows = read_metrics(res["metrics_path"])
-    return {"step_seconds": [r["step_seconds"] for r in rows], "generate_seconds": gen_s,
+    from models.packing import STATS
+
+    return {"packing": dict(STATS), "step_seconds": [r["step_seconds"] for r in rows], "generate_seconds": gen_s,
             "completion_length": [r["completion_length"] for r in rows], "reward": [r["reward_mean"] for r in rows],
             "frac_zero_std": [r["frac_zero_std"] for r in rows]}
 
@@ -142,7 +149,10 @@ def main() -> None:
             gens = [t for r in rs for t in r["generate_seconds"][warmup:]]
             lens = [x for r in rs for x in r["completion_length"][warmup:]]
             zs = [x for r in rs for x in r["frac_zero_std"][warmup:] if x is not None]
+            pk = rs[0].get("packing")
             entry[side] = {"step_seconds": common.summarize(secs, 0),
+                           "computed_per_real_token": (pk["computed_slots"] / pk["real_tokens"]
+                                                       if pk and pk.get("real_tokens") else None),
                            "generate_seconds": common.summarize(gens, 0) if gens else None,
                            "mean_completion_length": statistics.fmean(lens) if lens else None,
                            "mean_frac_zero_std_groups": statistics.fmean(zs) if zs else None,

@@ -74,7 +74,10 @@ def posttrain_side(p: dict) -> dict:
     res = train_sft({"config": cfg.model_dump(), "base_path": p["base"], "dataset_path": str(data),
                      "workdir": str(Path(p["tmp"]) / "work")})
     rows = read_metrics(res["metrics_path"])
-    return {"step_seconds": [r["step_seconds"] for r in rows], "losses": [r["loss"] for r in rows]}
+    from models.packing import STATS
+
+    return {"step_seconds": [r["step_seconds"] for r in rows], "losses": [r["loss"] for r in rows],
+            "packing": dict(STATS)}
 
 
 def trl_side(p: dict) -> dict:
@@ -189,8 +192,12 @@ def main() -> None:
     mfu_flops = common.summarize(flops, 0)
     mfu = mfu_flops["median"] / (peak["gflops"] * 1e9)
     tokens_med = sorted(pl["tokens"][warmup:])[len(pl["tokens"][warmup:]) // 2]
+    pk = sides["posttrain"][0].get("packing") or {}
+    computed = pk["computed_slots"] / pk["real_tokens"] if pk.get("real_tokens") else None
     mfu_raw = {
         "model_gflops_per_s": mfu_flops["median"] / 1e9, "matmul_peak_gflops": peak["gflops"], "peak": peak,
+        "computed_per_real_token": computed,  # token slots run through the model per real token (packing)
+        "hfu_estimate": mfu * computed if computed else None,  # FLOPs actually executed ÷ peak (approx.)
         "model": shape, "flop_count": "6*params*tokens + 12*layers*hidden*sum(len^2) per step (fwd+bwd)",
         "posttrain_tokens_per_s": ours["median"], "batch": batch,
         "summary": f"{mfu_flops['median'] / 1e9:.1f} model GFLOP/s of a {peak['gflops']:.1f} GFLOP/s "

@@ -52,6 +52,9 @@ ENABLED = os.environ.get("POSTTRAIN_PACKING", "1") != "0"  # POSTTRAIN_PACKING=0
 CHECK_ATOL = 1e-4  # |packed - padded| on the logits of real tokens, fp32, relative to max(1, |logit|)
 WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # row widths tried, in multiples of the longest row
 _verdicts: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+# What the forwards of this process computed: real (non-pad) tokens asked for, and token slots run
+# through the model (packed/tree rows × width, or the padded batch). Read by the benchmarks.
+STATS = {"forwards": 0, "real_tokens": 0, "computed_slots": 0}
 
 
 @dataclass
@@ -274,20 +277,23 @@ def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     Every call runs exactly one forward of `model`, whatever the layout, so ranks that decide
     differently still run the same collectives (ZeRO-3 gathers parameters module by module)."""
     key = _unwrap(model)
+    STATS["forwards"] += 1
+    STATS["real_tokens"] += int(attention_mask.sum())
     verdict = _verdicts.get(key) if ENABLED else {}
     if verdict is None:
         verdict = {} if _distributed() else verify(key)
     modes = tuple(m for m in ("packed", "tree") if verdict.get(m))
-    if not modes:
-        return _padded_logits(model, input_ids, attention_mask, **kw)
-    lengths = right_padded_lengths(attention_mask)
-    if lengths is None or min(lengths) == 0:
+    lengths = right_padded_lengths(attention_mask) if modes else None
+    if not modes or lengths is None or min(lengths) == 0:
+        STATS["computed_slots"] += input_ids.numel()
         return _padded_logits(model, input_ids, attention_mask, **kw)
     rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)] if "tree" in modes else None
     config = getattr(key, "config", None)
     layout = plan(lengths, config, rows, modes)
     if layout.cost >= 0.95 * padded_cost(len(lengths), input_ids.shape[1], config):
+        STATS["computed_slots"] += input_ids.numel()
         return _padded_logits(model, input_ids, attention_mask, **kw)
+    STATS["computed_slots"] += len(layout.bins) * layout.width
     return _forward(model, input_ids, lengths, pad_id, layout, **kw)
 
 
@@ -347,5 +353,5 @@ def verify(model) -> dict[str, bool]:
     return verdict
 
 
-__all__ = ["packed_logits", "verify", "plan", "pack", "tree_pack", "tree_bins", "first_fit_decreasing",
+__all__ = ["packed_logits", "verify", "STATS", "plan", "pack", "tree_pack", "tree_bins", "first_fit_decreasing",
            "right_padded_lengths", "Layout"]
