@@ -9,8 +9,8 @@ never saving. They see identical batches (posttrain's seeded order, TRL `sequent
 What differs by design, and is reported beside the ratio: TRL's default runs the frozen reference
 model forward on every step; posttrain computes the reference log-probs once per pair before the
 loop (`ref_precompute_seconds`, not in its step time) and keeps no reference model. With
-`--trl-precompute` the TRL side also runs with `precompute_ref_log_probs=True`, its best setting,
-and that ratio is recorded too (`vs_trl_precomputed`).
+`--trl-precompute` (the default outside --quick) the TRL side also runs with
+`precompute_ref_log_probs=True`, its best setting, and that ratio is recorded too (`vs_trl_precomputed`).
 
 Tokens/s = input tokens (no padding) of chosen + rejected rows of a step ÷ its time, median over
 the steps after warm-up; a step is the wall time from one optimizer step's end to the next.
@@ -20,6 +20,7 @@ the steps after warm-up; a step is the wall time from one optimizer step's end t
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -114,9 +115,12 @@ def trl_side(p: dict) -> dict:
 def main() -> None:
     ap = common.base_args(__doc__)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--trl-precompute", action="store_true", help="also run TRL with precompute_ref_log_probs=True")
+    ap.add_argument("--trl-precompute", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run TRL with precompute_ref_log_probs=True (default: on, off with --quick)")
     ap.add_argument("--no-trl", action="store_true")
     a = ap.parse_args()
+    if a.trl_precompute is None:
+        a.trl_precompute = not a.quick
     common.quiet_libraries()
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
     reps = a.reps or (3 if a.quick else 12)

@@ -31,7 +31,6 @@ completion lengths, which show the two sides sampled comparable workloads.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 from benchmarks import common
@@ -49,15 +48,7 @@ def posttrain_side(p: dict) -> dict:
     probs = common.write_jsonl([{k: r[k] for k in ("id", "prompt", "answer")} for r in p["problems"]],
                                Path(p["tmp"]) / "problems.jsonl")
     gen_s: list[float] = []
-    inner = grpo.sample
-
-    def timed_sample(*args, **kw):  # instrumentation only
-        t0 = time.perf_counter()
-        out = inner(*args, **kw)
-        gen_s.append(time.perf_counter() - t0)
-        return out
-
-    grpo.sample = timed_sample
+    grpo.sample = common.timed_calls(grpo.sample, gen_s)  # instrumentation only
     cfg = GRPOConfig(num_prompts=p["num_prompts"], num_generations=p["g"], max_new_tokens=p["max_new"],
                      beta=p["beta"], lr=LR, max_steps=p["steps"], save_every=10**6, log_every=1, log_rollouts=0,
                      num_threads=p["threads"], seed=0)
@@ -97,15 +88,7 @@ def trl_side(p: dict) -> dict:
                           train_dataset=Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in p["problems"]]),
                           processing_class=tok, callbacks=[timer])
     gen_s: list[float] = []
-    inner = trainer._generate_single_turn
-
-    def timed_generate(*a, **kw):  # instrumentation only
-        t0 = time.perf_counter()
-        out = inner(*a, **kw)
-        gen_s.append(time.perf_counter() - t0)
-        return out
-
-    trainer._generate_single_turn = timed_generate
+    trainer._generate_single_turn = common.timed_calls(trainer._generate_single_turn, gen_s)  # instrumentation only
     trainer.train()
     logs = [lg for lg in trainer.state.log_history if "completions/mean_length" in lg]
     return {"step_seconds": timer.step_seconds, "generate_seconds": gen_s,

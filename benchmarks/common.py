@@ -143,6 +143,19 @@ def time_reps(fn: Callable[[int], Any], warmup: int, reps: int) -> tuple[list[fl
     return times, outs
 
 
+def timed_calls(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
+    """fn, instrumented: each call appends its wall seconds to `sink` (nothing else changes)."""
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink.append(time.perf_counter() - t0)
+
+    return wrapper
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
