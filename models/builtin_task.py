@@ -10,6 +10,7 @@ What this module does not do: tokenize, pack documents into sequences, or write 
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -134,6 +135,37 @@ def make_problems(
     test = [make_problem(f"test-{i:05d}", q, prompt_style) for i, q in enumerate(test_q)]
     train = [make_problem(f"train-{i:05d}", q, prompt_style) for i, q in enumerate(train_q)]
     return train, test
+
+
+def n_operands(question: str) -> int:
+    """``4-0+2-7`` -> 4."""
+    return (len(question) + 1) // 2
+
+
+def sft_demonstrations(
+    train: list[Problem], seed: int, max_operands: int | None = None, long_fraction: float = 0.0
+) -> list[Problem]:
+    """The training problems that get a worked SFT demonstration, in ``train``'s order.
+
+    ``max_operands=None`` keeps every problem. Otherwise every chain of at most ``max_operands``
+    operands is kept, and each longer one with probability ``long_fraction``, decided by a seeded
+    hash of its question alone (so a problem's fate never depends on ``n_train`` or on its
+    neighbours). The others stay RL prompts: they have a reference answer, no demonstration. That
+    is the R1 setting, where worked solutions are scarce and cover the easy problems, and what is
+    left for RL is to carry the procedure to longer chains.
+    """
+    if not 0.0 <= long_fraction <= 1.0:
+        raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction}")
+    if max_operands is None:
+        return list(train)
+
+    def kept(p: Problem) -> bool:
+        if n_operands(p.question) <= max_operands:
+            return True
+        digest = hashlib.sha256(f"builtin-task/{seed}/sft/{p.question}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < long_fraction * 2**64
+
+    return [p for p in train if kept(p)]
 
 
 def pretrain_corpus(

@@ -37,6 +37,17 @@ class TaskConfig(Strict):
     max_operands: int = Field(6, ge=2, description="most single-digit operands in a chain")
     prompt_style: Literal["qa", "plain"] = Field(
         "qa", description="'qa': 'Q: 4-0+2\\nA:' (SFT/R1); 'plain': '4-0+2=' as in the pretraining corpus (R1-Zero)")
+    sft_max_operands: int | None = Field(
+        None, ge=2,
+        description="SFT demonstrations for every training chain of at most this many operands and "
+        "for `sft_long_fraction` of the longer ones; the rest are RL prompts only (None: a "
+        "demonstration for every training problem)",
+    )
+    sft_long_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="with sft_max_operands: the fraction of longer training chains that get a "
+        "demonstration (chosen by a seeded hash of the question)",
+    )
     pretrain_docs: int = Field(60000, ge=1, description="documents in the pretraining corpus")
     worked_fraction: float = Field(
         0.05, ge=0.0, le=1.0,

@@ -29,7 +29,8 @@ def builtin_dir(task: TaskConfig, datasets_root: Path) -> Path:
         train, test = builtin_task.make_problems(task.seed, task.n_train, task.n_test, task.min_operands,
                                                  task.max_operands, task.prompt_style)
         d.mkdir(parents=True, exist_ok=True)
-        write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "completion": p.solution} for p in train], d / "sft_train.jsonl")
+        demos = builtin_task.sft_demonstrations(train, task.seed, task.sft_max_operands, task.sft_long_fraction)
+        write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "completion": p.solution} for p in demos], d / "sft_train.jsonl")
         write_jsonl_atomic([{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in train],
                            d / "train_problems.jsonl")
         # written last: its presence means the directory is complete

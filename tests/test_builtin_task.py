@@ -1,4 +1,8 @@
+import json
+
 import pytest
+
+from models import builtin_task
 
 from models.builtin_task import (
     TASK_VERSION,
@@ -152,3 +156,40 @@ def test_plain_prompt_style_and_lenient_verifier():
     assert extract_answer_lenient("<answer>3</answer><answer>4</answer>") is None
     assert verify_lenient("", "12", "12") == 1.0 and verify_lenient("", "13", "12") == 0.0
     assert verify_lenient("", "12", "twelve") is None
+
+
+def test_sft_demonstrations_keep_short_chains_and_a_seeded_fraction_of_long_ones():
+    train, _ = make_problems(0, n_train=4000, n_test=10)
+    assert builtin_task.n_operands("4-0+2-7") == 4 and builtin_task.n_operands("7") == 1
+    assert builtin_task.sft_demonstrations(train, 0) == train  # no limit: every problem
+    demos = builtin_task.sft_demonstrations(train, 0, max_operands=4, long_fraction=0.1)
+    short = [p for p in train if builtin_task.n_operands(p.question) <= 4]
+    long = [p for p in train if builtin_task.n_operands(p.question) > 4]
+    kept_long = [p for p in demos if builtin_task.n_operands(p.question) > 4]
+    assert [p for p in demos if builtin_task.n_operands(p.question) <= 4] == short
+    assert 0.07 < len(kept_long) / len(long) < 0.13  # ~2,200 long chains: 10% ± 3 sigma
+    assert [p.id for p in demos] == [p.id for p in train if p in demos]  # train's order
+    # a problem's fate depends on its question alone: a smaller train set keeps the same ones
+    sub = builtin_task.sft_demonstrations(train[:1000], 0, max_operands=4, long_fraction=0.1)
+    assert sub == [p for p in demos if p in train[:1000]]
+    # another seed picks other long chains; fraction 0 keeps none, 1 keeps all
+    other = builtin_task.sft_demonstrations(train, 1, max_operands=4, long_fraction=0.1)
+    assert {p.id for p in other} != {p.id for p in demos}
+    assert builtin_task.sft_demonstrations(train, 0, max_operands=4) == short
+    assert builtin_task.sft_demonstrations(train, 0, max_operands=4, long_fraction=1.0) == train
+    with pytest.raises(ValueError, match="long_fraction"):
+        builtin_task.sft_demonstrations(train, 0, max_operands=4, long_fraction=1.5)
+
+
+def test_builtin_datasets_hold_rl_prompts_without_demonstrations(tmp_path):
+    from models.config import TaskConfig
+    from tasks.data import builtin_dir
+
+    task = TaskConfig(n_train=600, n_test=20, pretrain_docs=10, sft_max_operands=4, sft_long_fraction=0.2)
+    d = builtin_dir(task, tmp_path)
+    sft = [json.loads(line) for line in (d / "sft_train.jsonl").open()]
+    problems = [json.loads(line) for line in (d / "train_problems.jsonl").open()]
+    assert len(problems) == 600 and len(sft) < 600
+    assert {r["id"] for r in sft} < {r["id"] for r in problems}
+    full = builtin_dir(TaskConfig(n_train=600, n_test=20, pretrain_docs=10), tmp_path)
+    assert full != d and sum(1 for _ in (full / "sft_train.jsonl").open()) == 600
