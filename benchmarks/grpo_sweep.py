@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 
-def _one(path_glob: str, root: Path) -> Path:
-    found = sorted(root.glob(path_glob))
+def _newest(path_glob: str, root: Path) -> Path:
+    found = sorted(root.glob(path_glob), key=lambda p: p.stat().st_mtime)
     if not found:
         raise SystemExit(f"{root}: nothing matches {path_glob} (run `make run` first)")
     return found[-1]
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--state-dir", default=".posttrain", type=Path)
     ap.add_argument("--recipe", default="r1")
     ap.add_argument("--out", default="/tmp/grpo-sweep", type=Path)
+    ap.add_argument("--sft", default=None, type=Path,
+                    help="the SFT output dir to start from (default: the newest work/sft-*/output of --state-dir)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((args.state_dir / "torch_extensions").resolve()))
 
@@ -44,13 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     from models.config import load_recipe, resolved
     from models.evaluation import evaluate
     from models.launch import run_training
+    from tasks.data import builtin_dir
 
-    base = _one("work/sft-*/output", args.state_dir)
-    prompts = _one("datasets/builtin-*/train_problems.jsonl", args.state_dir)
-    test = [json.loads(line) for line in _one("datasets/builtin-*/test_problems.jsonl", args.state_dir).open()]
+    base = args.sft or _newest("work/sft-*/output", args.state_dir)
     for spec in args.specs:
         name, _, overrides = spec.partition("|")
-        cfg = resolved(load_recipe(args.recipe, [o for o in overrides.split(";") if o]).grpo)
+        recipe = load_recipe(args.recipe, [o for o in overrides.split(";") if o])
+        cfg = resolved(recipe.grpo)
+        data = builtin_dir(recipe.task, args.state_dir / "datasets")  # the recipe's own splits
+        prompts = data / "train_problems.jsonl"
+        test = [json.loads(line) for line in (data / "test_problems.jsonl").open()]
         workdir = args.out / name
         t0 = time.perf_counter()
         res = run_training(
