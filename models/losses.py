@@ -320,6 +320,8 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
     label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
+    policy_chosen_mean_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct preference losses on sequence log-probs, one per pair.
 
@@ -329,6 +331,10 @@ def dpo_loss(
       2023, eq. 7; ls > 0 is the conservative DPO of Mitchell 2023 for noisy labels).
     * "ipo": (h - 1 / (2 * beta))^2 (IPO, Azar et al. 2023, eq. 17). The paper uses length-*averaged*
       log-probs; this function does not care: pass `sequence_logps(..., average=True)` for IPO.
+    * `rpo_alpha`: adds rpo_alpha * NLL of the chosen completion, length-normalised
+      (-policy_chosen_mean_logps), to each pair's loss (Iterative RPO, Pang et al. 2024, eq. 3; TRL
+      `rpo_alpha`). With pairs of a correct and an incorrect solution, plain DPO lowers the chosen
+      log-prob along with the rejected one; the NLL term keeps the correct solutions likely.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) float, policy sequence log-probs.
@@ -336,6 +342,9 @@ def dpo_loss(
         beta: DPO temperature (0.1 in the paper) or IPO's regularisation tau.
         loss_type: "sigmoid" or "ipo".
         label_smoothing: probability that a preference label is flipped (sigmoid only).
+        rpo_alpha: weight of the chosen NLL term (None or 0: plain DPO/IPO).
+        policy_chosen_mean_logps: (B,) float, the policy's *per-token mean* log-prob of each chosen
+            completion (`sequence_logps(..., average=True)`); needed when rpo_alpha is set.
 
     Returns:
         losses: (B,) float (take `.mean()`).
@@ -350,6 +359,10 @@ def dpo_loss(
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    if rpo_alpha:
+        if policy_chosen_mean_logps is None:
+            raise ValueError("rpo_alpha needs policy_chosen_mean_logps (the chosen per-token mean log-probs)")
+        losses = losses - rpo_alpha * policy_chosen_mean_logps
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards

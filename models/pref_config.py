@@ -86,6 +86,12 @@ class DPOConfig(PreferenceDataConfig):
         description="assumed probability of a flipped label (conservative DPO, Mitchell 2023; TRL default 0.0; "
         "sigmoid only)",
     )
+    rpo_alpha: float | None = Field(
+        None, ge=0,
+        description="weight of the chosen completion's length-normalised NLL added to each pair's loss "
+        "(Iterative RPO, Pang et al. 2024, who use 1.0 for correct-vs-incorrect reasoning pairs; TRL "
+        "`rpo_alpha`, default None = plain DPO)",
+    )
     # Defaults of TrainConfig fields that differ for DPO.
     lr: float = Field(
         3e-5, gt=0,

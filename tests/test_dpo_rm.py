@@ -136,6 +136,11 @@ def test_first_dpo_step_loss_is_ln2_and_ipo_is_inverse_2beta_squared(tiny_base, 
     assert res["num_examples"] == 8 and res["dropped_examples"] == 0
     ipo = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "ipo", max_steps=1, loss_type="ipo"))
     assert ipo["last_metrics"]["loss"] == pytest.approx(25.0, abs=1e-3)
+    # RPO: ln 2 plus alpha times the chosen completions' mean per-token NLL (a positive number)
+    rpo = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "rpo", max_steps=1, rpo_alpha=0.5))
+    m = rpo["last_metrics"]
+    assert m["nll_loss"] > 0.1 and "nll_loss" not in res["last_metrics"]
+    assert m["loss"] == pytest.approx(LN2 + 0.5 * m["nll_loss"], abs=1e-5)
 
 
 def test_dpo_raises_margin_and_accuracy_on_its_pairs(tiny_base, pref_file, tmp_path):
@@ -149,9 +154,11 @@ def test_dpo_raises_margin_and_accuracy_on_its_pairs(tiny_base, pref_file, tmp_p
     assert last["loss"] < LN2 - 0.01
 
 
-def test_micro_batches_equal_one_batch(tiny_base, pref_file, tmp_path):
-    one = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "one"))
-    acc = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "acc", micro_batch_size=1))  # 8 accumulation steps
+@pytest.mark.parametrize("rpo_alpha", [None, 1.0])
+def test_micro_batches_equal_one_batch(tiny_base, pref_file, tmp_path, rpo_alpha):
+    one = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "one", rpo_alpha=rpo_alpha))
+    # 8 accumulation steps
+    acc = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "acc", micro_batch_size=1, rpo_alpha=rpo_alpha))
     w1, w2 = _weights(one["output_dir"]), _weights(acc["output_dir"])
     # Adam divides by sqrt(v): an entry whose gradient is ~0 turns float-order noise into up to a full
     # lr-sized move. atol 2e-5 = 2% of one lr (1e-3) step; a wrong normaliser would be off by ~lr.

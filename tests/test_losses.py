@@ -323,6 +323,22 @@ def test_dpo_ipo():
         dpo_loss(*PAIR, loss_type="hinge")
 
 
+def test_dpo_rpo_adds_the_chosen_nll():
+    # chosen per-token mean log-prob -0.5 -> NLL 0.5; alpha 1: 0.598139 + 0.5 = 1.098139, alpha 0.2: + 0.1
+    mean_c = t([-0.5], requires_grad=True)
+    losses, cr, rr = dpo_loss(*PAIR, beta=0.1, rpo_alpha=1.0, policy_chosen_mean_logps=mean_c)
+    assert losses.item() == pytest.approx(1.098139, abs=1e-6)
+    assert cr.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)  # rewards unchanged
+    losses.sum().backward()
+    assert mean_c.grad.item() == pytest.approx(-1.0)  # d(loss)/d(mean log-prob) = -alpha
+    assert dpo_loss(*PAIR, beta=0.1, rpo_alpha=0.2, policy_chosen_mean_logps=t([-0.5]))[0].item() == pytest.approx(0.698139, abs=1e-6)
+    # IPO + RPO: 9 + 0.5
+    assert dpo_loss(*PAIR, beta=0.1, loss_type="ipo", rpo_alpha=1.0, policy_chosen_mean_logps=t([-0.5]))[0].item() == pytest.approx(9.5)
+    assert dpo_loss(*PAIR, beta=0.1, rpo_alpha=0.0)[0].item() == pytest.approx(0.598139, abs=1e-6)  # 0: off
+    with pytest.raises(ValueError, match="policy_chosen_mean_logps"):
+        dpo_loss(*PAIR, rpo_alpha=1.0)
+
+
 def test_bradley_terry():
     # diffs [1, -1]: ln(1 + e^-1) = 0.313262, ln(1 + e) = 1.313262 -> mean 0.813262; accuracy 1/2
     loss, acc = bradley_terry_loss(t([2.0, 0.0]), t([1.0, 1.0]))

@@ -12,7 +12,8 @@ DeepSpeed engine loop, plus the preference-pair plumbing the reward-model recipe
    forward, no second copy of the weights in memory).
 3. Per step: one policy forward over the 2 x pairs sequences (chosen rows, then rejected rows),
    completion-only log-probs summed per sequence (averaged for IPO, as in its paper), and
-   `models.losses.dpo_loss`. Each pair's loss is divided by the pairs of the *global* batch, so any
+   `models.losses.dpo_loss` (with `rpo_alpha`, plus the chosen completion's per-token NLL: RPO).
+   Each pair's loss is divided by the pairs of the *global* batch, so any
    split into micro-batches, accumulation steps or ranks gives the gradient of one batch.
 
 What this does not do: a reference model other than the starting policy, reference-free variants,
@@ -285,7 +286,11 @@ def dpo_step_fn(cfg: DPOConfig, pad_id: int):
         seq = sequence_logps(lp, mask, average=average)  # (2b,)
         ref_c = torch.tensor([it[f"ref_chosen_{key}"] for it in chunk], dtype=seq.dtype)
         ref_r = torch.tensor([it[f"ref_rejected_{key}"] for it in chunk], dtype=seq.dtype)
-        losses, r_c, r_r = dpo_loss(seq[:b], seq[b:], ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        chosen_mean = None
+        if cfg.rpo_alpha:
+            chosen_mean = seq[:b] if average else sequence_logps(lp[:b], mask[:b], average=True)
+        losses, r_c, r_r = dpo_loss(seq[:b], seq[b:], ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                    rpo_alpha=cfg.rpo_alpha, policy_chosen_mean_logps=chosen_mean)
         contribution = losses.sum() / n_pairs
         metrics = {
             "loss": float(contribution.detach()),
@@ -294,6 +299,8 @@ def dpo_step_fn(cfg: DPOConfig, pad_id: int):
             "rewards/accuracy": float((r_c > r_r).float().sum()) / n_pairs,
             "rewards/margin": float((r_c - r_r).sum()) / n_pairs,
         }
+        if chosen_mean is not None:
+            metrics["nll_loss"] = float(-chosen_mean.detach().sum()) / n_pairs
         return contribution * ctx.loss_scale, metrics
 
     return step
