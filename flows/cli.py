@@ -101,13 +101,40 @@ def _run(args) -> int:
     return execute_flow(params, args.summary_json, reporter)
 
 
+def _start_temporary_api():
+    """Start Prefect's temporary API server in a thread, when the flow will need one (no
+    PREFECT_API_URL): its subprocess boots while this process imports torch, MLflow and the flow.
+    Returns the thread to join (None when nothing was started). Prefect keeps one such server per
+    process (`SubprocessASGIServer()` is a singleton), so the flow's client finds it running."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start():
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's own client retries the start and reports it
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def execute_flow(params: dict, summary_json: str | None, reporter) -> int:
     """The one code path that runs the flow for `run` and `resume`: call, explain, print, write."""
+    api_start = _start_temporary_api()  # overlaps the server's boot with the imports below
     from data_contracts.errors import ContractError
     from flows.failures import explain
     from flows.post_train import post_train
     from flows.report import print_table
 
+    if api_start is not None:
+        api_start.join()  # started (or failed, and the flow's client starts it again) before any call
     try:
         if reporter:
             with reporter:
