@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 KEY = "dpo_tokens_speedup_vs_trl"
 LR = 1e-5
@@ -178,7 +178,7 @@ def main() -> None:
     else:
         note = trl_why if not trl_ok else "--no-trl"
         raw["summary"] = f"posttrain {ours['median']:,.0f} policy tok/s; TRL side not run"
-    e = common.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
+    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
     print(f"{KEY} = {e['value']}  ({raw['summary']})")
 
 

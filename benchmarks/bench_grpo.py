@@ -33,7 +33,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 KEY = "grpo_step_speedup_vs_trl"
 LR = 3e-5
@@ -159,7 +159,7 @@ def main() -> None:
             for k, e in by_beta.items()),
     }
     note = None if use_trl else (trl_why if not trl_ok else "--no-trl")
-    e = common.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
+    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
     print(f"{KEY} = {e['value']}  ({raw['summary']})")
 
 

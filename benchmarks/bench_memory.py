@@ -23,7 +23,7 @@ import os
 import resource
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 KEY = "zero3_memory_fraction"
 
@@ -145,7 +145,7 @@ def main() -> None:
         "summary": f"ZeRO-3 ×2 {z3 / 2**20:.2f} MiB/rank vs ZeRO-0 {z0 / 2**20:.2f} MiB "
                    f"({cases['zero0'][0]['numel'] / 1e6:.2f}M params)",
     }
-    e = common.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
+    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
     print(f"{KEY} = {e['value']}  ({raw['summary']})")
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 TRAIN_STAGES = ("sft", "grpo", "dpo", "ppo", "reward_model", "refine")
 
@@ -86,7 +86,7 @@ def main() -> None:
         "summary": f"`posttrain run {size}`: first {first:.1f} s, cached rerun {rerun['median']:.1f} s "
                    f"(stages {sum(r['call_seconds'] for r in rerun_rows):.2f} s of it)",
     }
-    common.record("cached_rerun_fraction", value, raw, script=__file__, quick=a.quick, threads=a.threads,
+    headlines.record("cached_rerun_fraction", value, raw, script=__file__, quick=a.quick, threads=a.threads,
                   out_dir=a.out, note=None if all_cached else "the rerun was NOT all cache hits")
     print(f"cached_rerun_fraction = {value:.4f}  ({raw['summary']})")
 
@@ -104,7 +104,7 @@ def main() -> None:
         "summary": f"{over:.2f} s of {total:.1f} s over {', '.join(per_stage)} ("
                    + ", ".join(f"{k} {v['fraction'] * 100:.1f}%" for k, v in per_stage.items()) + ")",
     }
-    common.record("orchestration_overhead_fraction", frac, raw2, script=__file__, quick=a.quick, threads=a.threads,
+    headlines.record("orchestration_overhead_fraction", frac, raw2, script=__file__, quick=a.quick, threads=a.threads,
                   out_dir=a.out)
     print(f"orchestration_overhead_fraction = {frac if frac is None else round(frac, 4)}  ({raw2['summary']})")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 KEY = "rollout_speedup_vs_generate"
 
@@ -95,7 +95,7 @@ def main() -> None:
         "summary": f"posttrain {ours:,.0f} vs generate {gen:,.0f} new tok/s "
                    f"({num_prompts}×{g} seqs, ≤{max_new} new tokens, mean {m['ours']['mean_completion_tokens']:.1f})",
     }
-    e = common.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
+    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
     print(f"{KEY} = {e['value']}  ({raw['summary']})")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 KEY, MFU_KEY = "sft_tokens_speedup_vs_trl", "sft_mfu"
 LR = 1e-3
@@ -203,7 +203,7 @@ def main() -> None:
         "summary": f"{mfu_flops['median'] / 1e9:.1f} model GFLOP/s of a {peak['gflops']:.1f} GFLOP/s "
                    f"{peak['n']}² matmul peak ({shape['params'] / 1e6:.2f}M params, batch {batch})",
     }
-    common.record(MFU_KEY, mfu, mfu_raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
+    headlines.record(MFU_KEY, mfu, mfu_raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
 
     raw = {
         "posttrain_tokens_per_s": ours["median"], "posttrain_step_seconds": common.summarize(ours_secs, 0)["median"],
@@ -230,7 +230,7 @@ def main() -> None:
     else:
         note = trl_why if not trl_ok else "--no-trl"
         raw["summary"] = f"posttrain {ours['median']:,.0f} tok/s; TRL side not run ({note})"
-    e = common.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
+    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
     print(f"{KEY} = {e['value']}  ({raw['summary']})")
     print(f"{MFU_KEY} = {round(mfu, 4)}  ({mfu_raw['summary']})")
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import common
+from benchmarks import common, headlines
 
 SCRIPTS = {  # name -> module; cheap ones first
     "rollout": "benchmarks.bench_rollout",
@@ -38,10 +38,10 @@ def main() -> int:
     unknown = set(names) - set(SCRIPTS)
     if unknown:
         ap.error(f"unknown benchmark(s) {sorted(unknown)}; known: {list(SCRIPTS)}")
-    data = common.load_results(a.out) if a.only else {"results": {}}
+    data = headlines.load_results(a.out) if a.only else {"results": {}}
     data["run"] = {"command": "make bench" if not (a.quick or a.only or extra) else " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
-                   "date": common.now_utc(), "quick": a.quick, "machine": common.machine_info(a.threads)}
-    common.write_results(data, a.out)
+                   "date": headlines.now_utc(), "quick": a.quick, "machine": headlines.machine_info(a.threads)}
+    headlines.write_results(data, a.out)
     failed = []
     for name in names:
         cmd = [sys.executable, "-m", SCRIPTS[name], "--threads", str(a.threads), *extra]
@@ -57,11 +57,11 @@ def main() -> int:
             failed.append(name)
             if not a.keep_going:
                 break
-    data = common.load_results(a.out)
-    data["run"]["finished"] = common.now_utc()
+    data = headlines.load_results(a.out)
+    data["run"]["finished"] = headlines.now_utc()
     data["run"]["failed"] = failed
-    common.write_results(data, a.out)
-    path, md = common.results_paths(a.out)
+    headlines.write_results(data, a.out)
+    path, md = headlines.results_paths(a.out)
     print(md.read_text())
     print(f"wrote {path} and {md}")
     return 1 if failed else 0

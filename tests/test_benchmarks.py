@@ -22,7 +22,7 @@ def _run(module: str, out: Path, *args: str) -> None:
 
 
 def _check_entry(entry: dict, key: str) -> None:
-    from benchmarks.common import TARGETS
+    from benchmarks.headlines import TARGETS
 
     assert set(entry) >= {"value", "target", "meets_target", "raw", "script", "quick", "threads", "measured_at", "machine"}
     assert entry["quick"] is True and entry["threads"] == 2
@@ -55,18 +55,18 @@ def test_rollout_and_sft_quick_write_the_results_schema(tmp_path):
 
 
 def test_results_markdown_lists_every_headline_and_the_run(tmp_path):
-    from benchmarks import common
+    from benchmarks import headlines
 
     data = {"run": {"command": "make bench", "date": "2026-01-01T00:00:00Z", "quick": False,
-                    "machine": common.machine_info(2)}, "results": {}}
-    common.write_results(data, tmp_path)
-    common.record("cached_rerun_fraction", 0.02, {"summary": "first 100 s, rerun 2 s"}, script="x.py", quick=False,
-                  threads=2, out_dir=tmp_path)
+                    "machine": headlines.machine_info(2)}, "results": {}}
+    headlines.write_results(data, tmp_path)
+    headlines.record("cached_rerun_fraction", 0.02, {"summary": "first 100 s, rerun 2 s"}, script="x.py", quick=False,
+                     threads=2, out_dir=tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["run"]["command"] == "make bench"
     assert data["results"]["cached_rerun_fraction"]["meets_target"] is True
     md = (tmp_path / "results.md").read_text()
     assert "make bench" in md and "2026-01-01" in md
-    for key in common.TARGETS:
+    for key in headlines.TARGETS:
         assert f"`{key}`" in md
     assert "| `cached_rerun_fraction` | 0.02 | <= 0.03 | yes |" in md
