@@ -6,6 +6,7 @@ Each flow test still gets its own state dir (results, work dirs, MLflow store).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,17 @@ def sft_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
     write_jsonl_atomic([{"prompt": p.prompt, "completion": p.solution} for p in train], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """One uninterrupted smoke run of r1 (slow tests only): the metrics a resumed run must match
+    (test_kill_resume.py) and a lineage subject (test_operations.py)."""
+    from helpers import run_cli
+
+    state = tmp_path_factory.mktemp("reference")
+    run_cli("run", "--smoke", "--no-progress", "--summary-json", str(state / "summary.json"), state_dir=state)
+    return {"state": state, "summary": json.loads((state / "summary.json").read_text())}
 
 
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -1,11 +1,19 @@
-"""Plain helpers shared by the RL recipe tests (test_grpo.py, test_ppo.py); tests/ is on sys.path
-(pytest's rootdir conftest), so test modules import this as `helpers`."""
+"""Plain helpers shared by test modules: RL recipe set-ups (test_grpo.py, test_ppo.py), the CLI in a
+subprocess, and process/run helpers of the operations tests (test_operations.py,
+test_kill_resume.py). tests/ is on sys.path (pytest's rootdir conftest), so test modules import this
+as `helpers`."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -68,11 +76,6 @@ def accumulated_grads(model, step, batch: list[dict], mbs: int):
 def run_cli(*args, state_dir, summary=None, check=True, env=None, **popen):
     """`posttrain ARGS --state-dir DIR` in a subprocess from the repo root (Popen when popen kwargs
     are given); raises with the tail of its output when it fails and `check` is set."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "flows.cli", *args, "--state-dir", str(state_dir)]
     if summary:
@@ -84,3 +87,40 @@ def run_cli(*args, state_dir, summary=None, check=True, env=None, **popen):
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+R1_STAGES = ["fetch", "sft", "grpo", "sample", "filter", "refine"]
+
+
+def poll(predicate, deadline_s: float, what: str, every: float = 0.5, alive=None):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"{what}: the process exited ({alive.returncode}) first")
+        time.sleep(every)
+    pytest.fail(f"timed out after {deadline_s:.0f}s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 20) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def mlflow_runs(state: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("posttrain")
+    return client, exp.experiment_id

@@ -1,6 +1,7 @@
 """Operations: deployments on a real Prefect server and a process worker, `posttrain serve` firing a
-schedule, `posttrain resume` of a SIGKILLed run, `posttrain runs`, `posttrain lineage` and its
-digest checks, and the disk-full message. Fast tests first; the flow-running ones are `slow`."""
+schedule, `posttrain runs`, `posttrain resume`'s refusals, `posttrain lineage` and its digest checks,
+and the disk-full message. Fast tests first; the flow-running ones are `slow`. SIGKILL-and-resume at
+every kill point: tests/test_kill_resume.py."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import types
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import R1_STAGES, kill_group, mlflow_runs, poll, run_cli
 
 from flows import runs
 from flows.failures import explain, is_disk_full
@@ -26,36 +26,9 @@ from flows.serve import load_deployments, schedule_kwargs, select
 
 REPO = Path(__file__).resolve().parent.parent
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-R1_STAGES = ["fetch", "sft", "grpo", "sample", "filter", "refine"]
 
 
 cli = run_cli  # tests/helpers.py
-
-
-def poll(predicate, deadline_s: float, what: str, every: float = 0.5, alive=None):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None:
-            pytest.fail(f"{what}: the process exited ({alive.returncode}) first")
-        time.sleep(every)
-    pytest.fail(f"timed out after {deadline_s:.0f}s waiting for {what}")
-
-
-def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def kill_recorded_flows(state_dir: Path) -> None:
@@ -204,14 +177,6 @@ def prefect(*args, env, timeout=300):
     return p.stdout
 
 
-def _mlflow_runs(state: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("posttrain")
-    return client, exp.experiment_id
-
-
 @pytest.mark.slow
 def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
     env, state = prefect_server["env"], tmp_path / "state"
@@ -235,7 +200,7 @@ def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
         kill_group(worker)
         log.close()
         kill_recorded_flows(state)
-    client, exp_id = _mlflow_runs(state)
+    client, exp_id = mlflow_runs(state)
     (parent,) = client.search_runs([exp_id], f"tags.`posttrain.prefect_flow_run_id` = '{flow_run_id}' "
                                              "and tags.`posttrain.kind` = 'flow'")
     assert parent.info.status == "FINISHED" and parent.data.tags["posttrain.smoke"] == "true"
@@ -257,157 +222,11 @@ def test_serve_fires_a_scheduled_run(prefect_server, tmp_path):
         assert rec["parameters"]["state_dir"] == str(state.resolve())
         fr = _get_json(f"{prefect_server['api']}/flow_runs/{rec['flow_run_id']}")
         assert fr["auto_scheduled"] is True  # fired by the schedule, not by hand
-        client, exp_id = _mlflow_runs(state)
+        client, exp_id = mlflow_runs(state)
         assert client.get_run(rec["mlflow_parent_run_id"]).data.tags["posttrain.kind"] == "flow"
     finally:
         kill_group(proc)
         kill_recorded_flows(state)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted smoke run of r1: the metrics a resumed run must match, and a lineage subject."""
-    state = tmp_path_factory.mktemp("reference")
-    cli("run", "--smoke", "--no-progress", "--summary-json", str(state / "summary.json"), state_dir=state)
-    return {"state": state, "summary": json.loads((state / "summary.json").read_text())}
-
-
-def _workdir(state: Path, stage: str) -> Path | None:
-    """<state>/work/<stage>-<cache key>/ (None before the stage has started)."""
-    hits = sorted((state / "work").glob(f"{stage}-*")) if (state / "work").exists() else []
-    assert len(hits) <= 1, hits
-    return hits[0] if hits else None
-
-
-def _steps_logged(state: Path, stage: str) -> int:
-    wd = _workdir(state, stage)
-    return len((wd / "metrics.jsonl").read_text().splitlines()) if wd and (wd / "metrics.jsonl").exists() else 0
-
-
-def _committed_step(state: Path, stage: str) -> int | None:
-    """The step of the stage's committed checkpoint (`checkpoints/latest`), None before the first."""
-    wd = _workdir(state, stage)
-    latest = wd / "checkpoints" / "latest" if wd else None
-    tag = latest.read_text().strip() if latest and latest.exists() else ""
-    return int(tag.removeprefix("step")) if tag.startswith("step") else None
-
-
-def _train_rows(state: Path, stage: str) -> list[dict]:
-    """A training stage's per-step metrics, timings left out."""
-    rows = [json.loads(ln) for ln in (_workdir(state, stage) / "metrics.jsonl").read_text().splitlines() if ln]
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-
-
-def _untimed(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if "seconds" not in k}
-
-
-def _kill_when(predicate, what: str):
-    def kill(proc, state):
-        try:
-            poll(lambda: predicate(state), 900, what, every=0.1, alive=proc)
-        finally:
-            kill_group(proc, signal.SIGKILL)
-    return kill
-
-
-def _fault(pattern: str):
-    """POSTTRAIN_FAULT: the run SIGKILLs its own process group at the named point (models/faults.py)."""
-    def kill(proc, state):
-        try:
-            assert proc.wait(timeout=900) == -signal.SIGKILL, f"POSTTRAIN_FAULT={pattern} never fired"
-        finally:
-            kill_group(proc, signal.SIGKILL)
-    kill.env = {"POSTTRAIN_FAULT": pattern}
-    return kill
-
-
-def _fetch_killed(state):  # pretrain: 30 steps, a checkpoint every 10
-    assert _committed_step(state, "fetch") in (10, 20) and not (_workdir(state, "fetch") / "output").exists()
-
-
-def _sft_killed(state):
-    assert _committed_step(state, "sft") in (10, 20) and not (_workdir(state, "sft") / "output").exists()
-
-
-def _grpo_killed(state):  # 3 steps, a checkpoint every step
-    assert _committed_step(state, "grpo") in (1, 2) and not (_workdir(state, "grpo") / "output").exists()
-
-
-def _sample_killed(state):
-    assert not (_workdir(state, "sample") / "samples.jsonl").exists(), "the kill came after sample had finished"
-
-
-def _nothing_of_filter(state):
-    assert _committed_step(state, "sft") == 30 and (_workdir(state, "sample") / "samples.jsonl").exists()
-    assert _workdir(state, "filter") is None, "filter had started"
-
-
-def _checkpoint_half_written(state):
-    """Step 20's files are on disk, `latest` still names step 10; cut one file short, as a kill in the
-    middle of writing it would: resume must go on from step 10 and never read step 20."""
-    ckpts = _workdir(state, "sft") / "checkpoints"
-    assert _committed_step(state, "sft") == 10
-    files = sorted(f for f in (ckpts / "step0000020").iterdir() if f.stat().st_size > 0)
-    assert files, "no uncommitted step-20 files"
-    files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
-
-
-# id: (how the run is killed, a check of what the kill left on disk, the failed_stage it shows, the
-# steps that stage may resume from: None when it has no checkpoint to resume and starts afresh)
-KILLS = {
-    "during-fetch": (_kill_when(lambda st: _steps_logged(st, "fetch") >= 13, "pretrain step 13"), _fetch_killed,
-                     "fetch", (10, 20)),
-    "mid-sft": (_kill_when(lambda st: _steps_logged(st, "sft") >= 13, "SFT step 13"), _sft_killed, "sft", (10, 20)),
-    "mid-rl": (_kill_when(lambda st: (_committed_step(st, "grpo") or 0) >= 1, "GRPO's step-1 checkpoint"),
-               _grpo_killed, "grpo", (1, 2)),
-    "during-sample": (_kill_when(lambda st: _workdir(st, "sample") is not None, "the sample stage"), _sample_killed,
-                      "sample", None),
-    "between-stages": (_fault("before-stage:filter"), _nothing_of_filter, "filter", None),
-    "checkpoint-write": (_fault("checkpoint-uncommitted:sft-*:20"), _checkpoint_half_written, "sft", (10,)),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("point", list(KILLS))
-def test_sigkilled_run_shows_crashed_and_resume_finishes_it(reference, tmp_path, point):
-    """SIGKILL at `point`; `posttrain resume` finishes the run without recomputing a finished stage,
-    the killed training stage goes on from its last committed checkpoint, and every stage's output,
-    metrics and the final model equal those of the uninterrupted reference run."""
-    kill, check_left, failed, resumed_steps = KILLS[point]
-    state = tmp_path / "state"
-    proc = cli("run", "--smoke", "--no-progress", state_dir=state, env=getattr(kill, "env", None),
-               stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    kill(proc, state)
-    check_left(state)
-    (crashed,) = json.loads(cli("runs", "--json", state_dir=state).stdout)
-    assert crashed["status"] == "CRASHED" and crashed["failed_stage"] == failed
-    old = crashed["flow_run_id"]
-
-    cli("resume", old, "--no-progress", "--summary-json", str(tmp_path / "s.json"), state_dir=state)
-    s = json.loads((tmp_path / "s.json").read_text())
-    by = {st["stage"]: st for st in s["stages"]}
-    ref = {st["stage"]: st for st in reference["summary"]["stages"]}
-    assert list(by) == list(ref) == R1_STAGES
-    done_before = R1_STAGES[: R1_STAGES.index(failed)]
-    for stage in R1_STAGES:  # finished before the kill: cache hits; the rest: run now
-        assert by[stage]["cached"] is (stage in done_before), stage
-    if resumed_steps:
-        assert by[failed]["resumed_from_step"] in resumed_steps
-    else:
-        assert by[failed]["resumed_from_step"] is None
-    for stage in R1_STAGES:
-        assert by[stage]["cache_key"] == ref[stage]["cache_key"], f"{stage}: the code changed since the reference ran"
-        assert by[stage]["output"]["digest"] == ref[stage]["output"]["digest"], stage
-        assert by[stage]["metrics"] == ref[stage]["metrics"], stage
-        assert _untimed(by[stage]["train_metrics"]) == _untimed(ref[stage]["train_metrics"]), stage
-    for stage in ("fetch", "sft", "grpo", "refine"):  # every step's loss, not just the last
-        assert _train_rows(state, stage) == _train_rows(reference["state"], stage), stage
-    assert s["final_model"]["digest"] == reference["summary"]["final_model"]["digest"]
-    client, _ = _mlflow_runs(state)
-    assert client.get_run(s["mlflow_parent_run_id"]).data.tags["posttrain.resumed_from_run"] == old
-    records = {r["flow_run_id"]: r for r in json.loads(cli("runs", "--json", state_dir=state).stdout)}
-    assert records[s["flow_run_id"]]["status"] == "COMPLETED" and records[old]["status"] == "CRASHED"
 
 
 @pytest.mark.slow
