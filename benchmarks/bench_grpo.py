@@ -132,10 +132,8 @@ def main() -> None:
             gens = [t for r in rs for t in r["generate_seconds"][warmup:]]
             lens = [x for r in rs for x in r["completion_length"][warmup:]]
             zs = [x for r in rs for x in r["frac_zero_std"][warmup:] if x is not None]
-            pk = rs[0].get("packing")
             entry[side] = {"step_seconds": common.summarize(secs, 0),
-                           "computed_per_real_token": (pk["computed_slots"] / pk["real_tokens"]
-                                                       if pk and pk.get("real_tokens") else None),
+                           "computed_per_real_token": common.computed_per_real_token(rs[0].get("packing")),
                            "generate_seconds": common.summarize(gens, 0) if gens else None,
                            "mean_completion_length": statistics.fmean(lens) if lens else None,
                            "mean_frac_zero_std_groups": statistics.fmean(zs) if zs else None,

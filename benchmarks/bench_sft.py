@@ -192,8 +192,7 @@ def main() -> None:
     mfu_flops = common.summarize(flops, 0)
     mfu = mfu_flops["median"] / (peak["gflops"] * 1e9)
     tokens_med = sorted(pl["tokens"][warmup:])[len(pl["tokens"][warmup:]) // 2]
-    pk = sides["posttrain"][0].get("packing") or {}
-    computed = pk["computed_slots"] / pk["real_tokens"] if pk.get("real_tokens") else None
+    computed = common.computed_per_real_token(sides["posttrain"][0].get("packing"))
     mfu_raw = {
         "model_gflops_per_s": mfu_flops["median"] / 1e9, "matmul_peak_gflops": peak["gflops"], "peak": peak,
         "computed_per_real_token": computed,  # token slots run through the model per real token (packing)

@@ -131,6 +131,11 @@ def timed_calls(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]
     return wrapper
 
 
+def computed_per_real_token(packing: dict | None) -> float | None:
+    """Token slots a side's forwards ran per real (non-pad) token, from `models.packing.STATS`."""
+    return packing["computed_slots"] / packing["real_tokens"] if packing and packing.get("real_tokens") else None
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
