@@ -158,12 +158,29 @@ class GRPOConfig(RolloutConfig):
         "TRL's 'dapo'), 'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO, divides "
         "by max_new_tokens)",
     )
+    num_iterations: int = Field(
+        1, ge=1,
+        description="μ, optimizer steps taken on each rollout batch (TRL `num_iterations`, the GRPO paper's "
+        "μ). 1 is on-policy (ratio 1, the clip never bites). Above 1 the batch sampled at step s feeds "
+        "steps s .. s+μ-1, the ratio is taken against the log-probs the sampler recorded, and the clip "
+        "bounds the later updates; `save_every` must be a multiple of μ so a resumed run starts on a "
+        "fresh batch",
+    )
     skip_zero_std_groups: bool = Field(
         True,
         description="groups whose G rewards are all equal get zero weight in the loss (they neither "
         "count in the normaliser nor pull through the KL term; DAPO dynamic sampling without the "
         "re-sampling). False keeps them with advantage 0",
     )
+
+    @model_validator(mode="after")
+    def _checkpoints_on_batch_boundaries(self) -> "GRPOConfig":
+        if self.save_every % self.num_iterations:
+            raise ValueError(
+                f"save_every ({self.save_every}) must be a multiple of num_iterations ({self.num_iterations}): "
+                "a checkpoint inside a rollout batch could not be resumed (the batch came from older weights)"
+            )
+        return self
 
 
 __all__ = ["RolloutConfig", "GRPOConfig"]

@@ -81,6 +81,9 @@ def test_config_derives_batch_and_rejects_mismatch():
         GRPOConfig(rewards={"nope": 1.0})
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         GRPOConfig(num_prompts=4, num_generations=4, micro_batch_size=3)
+    assert GRPOConfig(num_iterations=2, save_every=4).num_iterations == 2
+    with pytest.raises(ValueError, match=r"save_every \(3\) must be a multiple of num_iterations \(2\)"):
+        GRPOConfig(num_iterations=2, save_every=3)
 
 
 # ----------------------------------------------------------------------------- batch building
@@ -128,6 +131,54 @@ def test_global_batch_is_group_contiguous_and_deterministic(base):
     assert strip(b0) != strip(b1)
     assert {it["reward"] for it in b0} == {0.0, 1.0}, "the fixture base should give mixed rewards"
     assert model.training  # sampling put it in eval mode; the batch builder restores train mode
+
+
+def test_num_iterations_reuses_each_rollout_batch(base):
+    model, tok = load_policy(base["base_path"])
+    problems = load_problems(base["prompts_path"])
+    cfg = GRPOConfig(**small_config(num_iterations=2, save_every=2))
+    gb = make_global_batch(model, tok, problems, cfg)
+    b0 = gb(0)
+    assert gb(1) is b0  # steps 0 and 1 train on the batch sampled at step 0
+    b2 = gb(2)
+    assert b2 is not b0 and gb(3) is b2
+    # prompts advance once per batch: batch 2 takes the sampler's second slice, not its third
+    second = [problems[i]["id"] for i in EpochSampler(len(problems), cfg.seed).indices(cfg.num_prompts, cfg.num_prompts)]
+    assert [it["prompt_id"] for it in b2][:: cfg.num_generations] == second
+    # the same seed as μ = 1 at step 0 (the first batch is the same rollouts)
+    one = make_global_batch(model, tok, problems, GRPOConfig(**small_config()))(0)
+    assert [it["completion_ids"] for it in one] == [it["completion_ids"] for it in b0]
+    with pytest.raises(RuntimeError, match="never sampled"):
+        make_global_batch(model, tok, problems, cfg)(1)
+
+
+def test_num_iterations_takes_the_ratio_against_the_behaviour_logprobs(base):
+    model, tok = load_policy(base["base_path"])
+    cfg = GRPOConfig(**small_config(num_iterations=2, save_every=2))
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg)(0)
+    # Pretend the policy has doubled every sampled token's probability since sampling:
+    # old = behaviour - ln 2, so the ratio is 2 (times exp(gap), gap < 1e-4) on every token.
+    moved = [dict(it, behaviour_logprobs=[x - math.log(2) for x in it["behaviour_logprobs"]]) for it in batch]
+    ctx = StepContext(1, 0, 0, 1, 1, moved, 1.0)
+    _, m = grpo_step_fn(cfg, tok.pad_token_id)(model, moved, ctx)
+    # token_mean: per token min(r A, clip(r, 0.8, 1.28) A) = 1.28 A for A > 0 (clipped), 2 A for A < 0,
+    # so loss = -Σ_i w_i len_i (A_i > 0 ? 1.28 : 2) A_i / Σ_i w_i len_i
+    lens = [len(it["completion_ids"]) for it in batch]
+    w = [it["weight"] for it in batch]
+    adv = [it["advantage"] for it in batch]
+    n = sum(wi * li for wi, li in zip(w, lens))
+    want = -sum(wi * li * (1.28 if a > 0 else 2.0) * a for wi, li, a in zip(w, lens, adv)) / n
+    assert m["loss"] == pytest.approx(want, rel=1e-3)
+    # clip_fraction: the share of kept tokens where the clipped term is taken (A > 0; for A < 0 the
+    # unclipped 2 A is the smaller and keeps its gradient)
+    bites = sum(wi * li for wi, li, a in zip(w, lens, adv) if a > 0) / n
+    assert 0 < bites < 1
+    assert m["clip_fraction"] == pytest.approx(bites, abs=1e-6)
+    assert m["logprob_gap"] == pytest.approx(math.log(2), abs=1e-4)
+    # μ = 1 ignores the behaviour log-probs (ratio 1) whatever they are
+    _, m1 = grpo_step_fn(GRPOConfig(**small_config()), tok.pad_token_id)(model, moved, ctx)
+    assert m1["clip_fraction"] == 0.0
+    assert m1["loss"] == pytest.approx(-sum(wi * li * a for wi, li, a in zip(w, lens, adv)) / n, abs=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
@@ -221,6 +272,29 @@ def test_resume_regenerates_the_same_rollouts_and_weights(base, straight_run):
     for x, y in zip(ma, mb):
         x.pop("step_seconds"), y.pop("step_seconds")
         assert y == pytest.approx(x, rel=1e-6, abs=1e-9)
+
+
+def test_num_iterations_resumes_on_a_batch_boundary(base):
+    """μ = 2: the clip bites on the second update of each batch, rollouts are logged per batch, and a
+    run stopped at step 2 and resumed to 4 ends with the weights of one straight run."""
+    straight_dir = base["root"] / "mu2_straight"
+    straight = run_training(TARGET, spec_for(base, straight_dir, num_iterations=2, save_every=2), 1, straight_dir)
+    metrics = read_metrics(straight["metrics_path"])
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[0]["clip_fraction"] == 0.0 and metrics[1]["clip_fraction"] > 0  # lr 1e-3 moved it
+    assert metrics[1]["accuracy"] == metrics[0]["accuracy"]  # the same batch
+    rows = [json.loads(ln) for ln in open(straight["rollouts_path"])]
+    assert [r["step"] for r in rows] == [s for s in (1, 3) for _ in range(8)]  # one sample per batch
+    workdir = base["root"] / "mu2_resumed"
+    first = run_training(TARGET, spec_for(base, workdir, max_steps=2, num_iterations=2, save_every=2), 1, workdir)
+    shutil.rmtree(workdir / "output")
+    again = run_training(TARGET, spec_for(base, workdir, num_iterations=2, save_every=2), 1, workdir)
+    assert first["final_step"] == 2 and again["resumed_from_step"] == 2
+    a, _ = load_policy(straight["output_dir"])
+    b, _ = load_policy(again["output_dir"])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    assert open(straight["rollouts_path"]).read() == open(again["rollouts_path"]).read()
 
 
 @pytest.mark.slow

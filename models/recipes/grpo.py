@@ -1,13 +1,16 @@
 """GRPO recipe: online RL with group-relative advantages on the one DeepSpeed engine loop.
 
-Each optimizer step (DeepSeekMath GRPO, Shao et al. 2024, alg. 1, with one update per batch, μ = 1):
+Each optimizer step (DeepSeekMath GRPO, Shao et al. 2024, alg. 1, with μ = `num_iterations`
+updates per rollout batch):
 
-1. `global_batch(step)`: pick `num_prompts` problems with a seeded per-epoch permutation, sample
-   `num_generations` (G) completions of each from the *current* policy with a seed derived from
-   (config seed, step), score them with the configured rewards, and turn the scores into
-   group-relative advantages. Everything is a pure function of (weights, step), so a run resumed
-   from a checkpoint regenerates exactly the rollouts an uninterrupted run would have seen; every
-   rank generates the whole global batch identically (same weights, same seed).
+1. `global_batch(step)`: on a step that starts a batch (step % μ == 0), pick `num_prompts` problems
+   with a seeded per-epoch permutation, sample `num_generations` (G) completions of each from the
+   *current* policy with a seed derived from (config seed, step), score them with the configured
+   rewards, and turn the scores into group-relative advantages; the next μ - 1 steps reuse that
+   batch. Everything is a pure function of (weights at the batch's first step, step), and
+   checkpoints fall on batch boundaries (`save_every` % μ == 0), so a run resumed from a checkpoint
+   regenerates exactly the rollouts an uninterrupted run would have seen; every rank generates the
+   whole global batch identically (same weights, same seed).
 2. `step_fn`: one forward of the policy on prompt + completion, per-token log-probs of the
    completion under softmax(logits / temperature) (the distribution the sampler drew from), and the
    clipped surrogate of `models.losses.grpo_loss` with the loss normaliser of the *global* batch,
@@ -15,15 +18,17 @@ Each optimizer step (DeepSeekMath GRPO, Shao et al. 2024, alg. 1, with one updat
 
 With μ = 1 the old policy is the current one (`old_logprobs = logprobs.detach()`, ratio 1, the clip
 never bites); the behaviour log-probs the sampler recorded are only compared against it as a
-sanity metric (`logprob_gap`, ~0 at top_p = 1).
+sanity metric (`logprob_gap`, ~0 at top_p = 1). With μ > 1 the old log-probs are those behaviour
+log-probs, the distribution the batch was actually drawn from (no extra forward pass), and the
+clip bounds how far the later updates on the same batch move the policy.
 
 Groups whose G rewards are all equal carry no signal. With `skip_zero_std_groups` their rows stay
 in the batch (run_loop checks its length) but get weight 0: their tokens are left out of the loss
 mask and of the normaliser, which is what dropping them would do (DAPO, Yu et al. 2025, sec. 3.2,
 without re-sampling replacements). `frac_zero_std` reports how many there were.
 
-What this does not do: several PPO epochs per batch (μ > 1), re-sampling to refill dropped groups,
-or generation with an inference server.
+What this does not do: shuffled mini-batches within the μ updates (each update takes the whole
+batch, as TRL does), re-sampling to refill dropped groups, or generation with an inference server.
 """
 
 from __future__ import annotations
@@ -120,8 +125,19 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
         stop_strings=tuple(cfg.stop_strings),
     )
 
+    held: dict[int, list[dict]] = {}  # the current rollout batch, keyed by the step that sampled it
+
     def global_batch(step: int) -> list[dict]:
-        picked = [problems[i] for i in sampler.indices(step * cfg.num_prompts, cfg.num_prompts)]
+        first = step - step % cfg.num_iterations
+        if first in held:
+            return held[first]
+        if first != step:
+            raise RuntimeError(
+                f"step {step} reuses the rollout batch of step {first}, which this process never sampled "
+                f"(a resume must start on a multiple of num_iterations = {cfg.num_iterations})"
+            )
+        batch_no = step // cfg.num_iterations  # prompts advance once per rollout batch
+        picked = [problems[i] for i in sampler.indices(batch_no * cfg.num_prompts, cfg.num_prompts)]
         with sampling_policy(model, shadow) as policy:
             rollouts = sample(
                 policy, tokenizer, [p["prompt"] for p in picked], cfg.num_generations, params,
@@ -131,6 +147,8 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
         items = make_items(rollouts, picked, rewards, correct, cfg)
         if on_batch is not None:
             on_batch(step, items)
+        held.clear()
+        held[step] = items
         return items
 
     return global_batch
@@ -211,8 +229,10 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
         if ref_model is not None:
             with torch.no_grad():
                 ref, _ = completion_logprobs(ref_model, batch, cfg.temperature)
+        # μ = 1: the old policy is this one (ratio 1). μ > 1: the sampled distribution's log-probs.
+        old = logprobs.detach() if cfg.num_iterations == 1 else batch["behaviour"]
         loss, m = grpo_loss(
-            logprobs, logprobs.detach(), batch["advantages"], loss_mask,
+            logprobs, old, batch["advantages"], loss_mask,
             clip_low=cfg.epsilon, clip_high=cfg.epsilon_high, ref_logprobs=ref, beta=cfg.beta,
             aggregation=cfg.loss_type, constant_length=cfg.max_new_tokens, normalizer=norm,
         )
@@ -249,8 +269,9 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
 
 
 def should_log_rollouts(step: int, cfg: GRPOConfig) -> bool:
-    done = step + 1
-    return cfg.log_rollouts > 0 and (done == 1 or done % cfg.save_every == 0)
+    """Log the batch sampled at `step` if it is the first one or feeds a step that saves."""
+    last_done = step + cfg.num_iterations  # 1-based number of the last step this batch feeds
+    return cfg.log_rollouts > 0 and (step == 0 or last_done % cfg.save_every == 0)
 
 
 def rollout_rows(step: int, items: list[dict], cfg: GRPOConfig) -> list[dict]:
