@@ -1,13 +1,17 @@
-"""GRPO settings sweep from a finished run's SFT checkpoint (how the r1 GRPO settings were chosen).
+"""RL settings sweep from a finished run's SFT checkpoint (how the r1 GRPO and rlhf PPO settings
+were chosen).
 
-Each spec is `name|key=value;key=value` with `--set`-style overrides of the recipe's `grpo`
-section. For each one: train GRPO from the run's SFT output on the run's train problems, then
+Each spec is `name|key=value;key=value` with `--set`-style overrides of the recipe. For each one:
+train the recipe's `--stage` (grpo, or ppo with `--reward-model`) from the run's SFT output on the
+run's train problems, then
 evaluate on the run's held-out problems exactly as the flow does (greedy pass@1, pass@8 at
 temperature 1, 256 problems), and print one line with the mean training reward per quarter of
 the run.
 
     .venv/bin/python -m benchmarks.grpo_sweep --state-dir .posttrain \
         "base|" "steps150|grpo.max_steps=150" "drgrpo|grpo.scale_rewards=none;grpo.max_steps=100"
+    .venv/bin/python -m benchmarks.grpo_sweep --state-dir .posttrain --recipe rlhf --stage ppo \
+        --reward-model .posttrain/work/reward_model-<key>/output "lam1|ppo.lam=1.0"
 
 Outputs go under --out (default /tmp/grpo-sweep/<name>). Not part of `make bench`: it measures
 accuracy, not speed, and takes minutes per spec.
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="/tmp/grpo-sweep", type=Path)
     ap.add_argument("--sft", default=None, type=Path,
                     help="the SFT output dir to start from (default: the newest work/sft-*/output of --state-dir)")
+    ap.add_argument("--stage", default="grpo", choices=("grpo", "ppo"))
+    ap.add_argument("--reward-model", default=None, type=Path,
+                    help="ppo: the reward_model stage's output dir (default: the newest work/reward_model-*/output)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((args.state_dir / "torch_extensions").resolve()))
 
@@ -52,17 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.specs:
         name, _, overrides = spec.partition("|")
         recipe = load_recipe(args.recipe, [o for o in overrides.split(";") if o])
-        cfg = resolved(recipe.grpo)
+        cfg = resolved(getattr(recipe, args.stage))
         data = builtin_dir(recipe.task, args.state_dir / "datasets")  # the recipe's own splits
         prompts = data / "train_problems.jsonl"
         test = [json.loads(line) for line in (data / "test_problems.jsonl").open()]
         workdir = args.out / name
         t0 = time.perf_counter()
-        res = run_training(
-            "models.recipes.grpo:train_grpo",
-            {"config": cfg, "base_path": str(base), "prompts_path": str(prompts), "workdir": str(workdir)},
-            1, str(workdir),
-        )
+        spec = {"config": cfg, "base_path": str(base), "prompts_path": str(prompts), "workdir": str(workdir)}
+        if args.stage == "ppo" and cfg.get("reward_model_weight", 0) and not cfg.get("reward_model"):
+            spec["reward_model_path"] = str(args.reward_model or _newest("work/reward_model-*/output", args.state_dir))
+        res = run_training(f"models.recipes.{args.stage}:train_{args.stage}", spec, 1, str(workdir))
         seconds = time.perf_counter() - t0
         model = AutoModelForCausalLM.from_pretrained(res["output_dir"])
         tok = AutoTokenizer.from_pretrained(res["output_dir"])
@@ -70,10 +76,13 @@ def main(argv: list[str] | None = None) -> None:
                           k=8, temperature=1.0, max_new_tokens=72, batch_size=128, seed=1234)
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
         q = max(1, len(rows) // 4)
-        curve = [round(sum(r["reward_mean"] for r in rows[i : i + q]) / len(rows[i : i + q]), 3)
-                 for i in range(0, q * 4, q) if rows[i : i + q]]
+        def curve(key: str) -> list[float]:
+            return [round(sum(r[key] for r in rows[i : i + q]) / len(rows[i : i + q]), 3)
+                    for i in range(0, q * 4, q) if rows[i : i + q]]
+
         print(json.dumps({"name": name, "overrides": overrides, "train_seconds": round(seconds, 1),
-                          "pass@1": met["pass@1"], "pass@8": met["pass@8"], "reward_by_quarter": curve}),
+                          "pass@1": met["pass@1"], "pass@8": met["pass@8"],
+                          "reward_by_quarter": curve("reward_mean"), "accuracy_by_quarter": curve("accuracy")}),
               flush=True)
 
 

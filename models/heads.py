@@ -33,15 +33,21 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScalarHead(nn.Module):
     """Linear hidden -> 1, for reward models and value functions.
 
-    Weights ~ N(0, 1 / (hidden + 1)), bias 0: the reward-head init of Ziegler et al. 2019
-    ("Fine-Tuning Language Models from Human Preferences", lm-human-preferences), which keeps the
-    initial scores O(1) whatever the hidden size.
+    init "normal": weights ~ N(0, 1 / (hidden + 1)), bias 0: the reward-head init of Ziegler et al.
+    2019 ("Fine-Tuning Language Models from Human Preferences", lm-human-preferences), which keeps
+    the initial scores O(1) whatever the hidden size. init "zeros": weights and bias 0, the value
+    head of the same codebase, so a fresh critic predicts 0 everywhere instead of O(1) noise.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, init: str = "normal"):
         super().__init__()
+        if init not in ("normal", "zeros"):
+            raise ValueError(f"ScalarHead init must be 'normal' or 'zeros', not {init!r}")
         self.linear = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        if init == "normal":
+            nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        else:
+            nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,10 +62,10 @@ class CausalLMWithValueHead(nn.Module):
     It does not shift anything: values[:, t] is V of the prefix ending at token t.
     """
 
-    def __init__(self, pretrained_model: PreTrainedModel):
+    def __init__(self, pretrained_model: PreTrainedModel, value_head_init: str = "normal"):
         super().__init__()
         self.pretrained_model = pretrained_model
-        self.value_head = ScalarHead(pretrained_model.config.hidden_size)
+        self.value_head = ScalarHead(pretrained_model.config.hidden_size, value_head_init)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask: (B, T) -> (logits (B, T, V), values (B, T) float)."""

@@ -70,6 +70,17 @@ class PPOConfig(RolloutConfig):
         description="the value head's lr is lr * this (OpenRLHF trains its separate critic at ~18x the "
         "actor's lr: 9e-6 vs 5e-7); the shared backbone keeps lr",
     )
+    value_head_init: Literal["normal", "zeros"] = Field(
+        "normal",
+        description="the fresh critic head: 'normal' N(0, 1/(hidden+1)) (Ziegler et al.'s reward-head init) "
+        "or 'zeros' (their value-head init: V = 0 everywhere at the start, so GAE begins as the plain "
+        "return instead of a sum of noisy TD errors)",
+    )
+    critic_warmup: int = Field(
+        0, ge=0,
+        description="first steps that train the critic alone, the policy loss weighted 0 (verl "
+        "`trainer.critic_warmup`; VC-PPO, Yuan et al. 2025, pretrains the value model the same way)",
+    )
     # Defaults of RolloutConfig fields that differ for PPO.
     batch_size: int = Field(64, ge=1, description="derived: num_prompts * num_generations (give it only to assert it)")
     micro_batch_size: int = Field(

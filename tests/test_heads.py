@@ -52,6 +52,11 @@ def test_scalar_head_shape_and_init():
     # weights ~ N(0, 1 / (400 + 1)): std 1/sqrt(401) = 0.0499; bias 0
     assert head.linear.weight.std().item() == pytest.approx(1 / math.sqrt(401), rel=0.15)
     assert torch.equal(head.linear.bias, torch.zeros(1))
+    zero = ScalarHead(400, "zeros")
+    assert not zero.linear.weight.any() and not zero.linear.bias.any()
+    assert torch.equal(zero(torch.randn(2, 3, 400)), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="init must be"):
+        ScalarHead(4, "uniform")
 
 
 def test_index_helpers():

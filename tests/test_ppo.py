@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
 from helpers import accumulated_grads, build_half_solved_base, rl_spec  # noqa: E402
-from models.engine import read_metrics  # noqa: E402
+from models.engine import StepContext, read_metrics  # noqa: E402
 from models.heads import CausalLMWithValueHead  # noqa: E402
 from models.launch import run_training  # noqa: E402
 from models.ppo_config import PPOConfig  # noqa: E402
@@ -196,6 +196,37 @@ def test_micro_batches_sum_to_the_global_loss(base):
     assert m_full["vf_loss"] == pytest.approx(vf, rel=1e-4)
     assert m_full["loss"] == pytest.approx(pg + 0.1 * vf, rel=1e-4, abs=1e-6)
     assert m_full["clip_fraction"] == 0.0 and m_full["vf_clip_fraction"] == 0.0
+
+
+def test_critic_warmup_trains_the_value_loss_alone(base):
+    model, tok, ref = load_parts(base)
+    cfg = PPOConfig(**small_config(kl_coef=0.1, critic_warmup=2))
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg, ref_model=ref)(0)
+    step = ppo_step_fn(cfg, tok.pad_token_id)
+    n = sum(len(x["completion_ids"]) for x in batch)
+    pg = -sum(a for x in batch for a in x["advantages"]) / n  # first update: ratio 1
+    vf = 0.5 * sum((v - r) ** 2 for x in batch for v, r in zip(x["old_values"], x["returns"])) / n
+    for s, want in ((0, 0.1 * vf), (1, 0.1 * vf), (2, pg + 0.1 * vf)):  # steps 0 and 1 warm the critic
+        loss, m = step(model, batch, StepContext(s, 0, 0, 1, 1, batch, 1.0))
+        assert float(loss.detach()) == pytest.approx(want, rel=1e-4, abs=1e-6), s
+        assert m["pg_loss"] == pytest.approx(pg, abs=1e-5)  # still reported during the warm-up
+
+
+def test_zero_value_head_starts_the_critic_at_zero(base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = CausalLMWithValueHead(AutoModelForCausalLM.from_pretrained(base["base_path"]), "zeros")
+    tok = AutoTokenizer.from_pretrained(base["base_path"])
+    cfg = PPOConfig(**small_config(kl_coef=0.0, value_head_init="zeros", whiten_advantages=False))
+    batch = make_global_batch(model, tok, load_problems(base["prompts_path"]), cfg)(0)
+    assert all(v == 0.0 for x in batch for v in x["old_values"])
+    # V = 0, no KL, gamma 1: GAE A_t = lam^(T-1-t) * score, so the last token carries the full score
+    for x in batch:
+        t = len(x["advantages"])
+        want = [cfg.lam ** (t - 1 - j) * x["score"] for j in range(t)]
+        assert x["advantages"] == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError):
+        PPOConfig(value_head_init="xavier")
 
 
 # ----------------------------------------------------------------------------- training

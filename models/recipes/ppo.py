@@ -235,7 +235,8 @@ def ppo_step_fn(cfg: PPOConfig, pad_id: int):
                                  cfg.cliprange, "token_mean", normalizer=n_tok)
         vf, vm = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                 cfg.cliprange_value, normalizer=n_tok)
-        loss = pg + cfg.vf_coef * vf
+        pg_weight = 0.0 if ctx.step < cfg.critic_warmup else 1.0  # critic warm-up: value loss alone
+        loss = pg_weight * pg + cfg.vf_coef * vf
         with torch.no_grad():
             entropy = masked_sum(entropy_from_logits(logits.detach() / cfg.temperature), mask)
             value_sum = masked_sum(values.detach(), mask)
@@ -316,7 +317,7 @@ def train_ppo(spec: dict, on_log=None) -> dict:
     problems = resolve_problems(spec, cfg, "train_ppo")
     torch.manual_seed(cfg.seed)  # fixes the value head's init
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
-    model = CausalLMWithValueHead(load_causal_lm(spec["base_path"]))
+    model = CausalLMWithValueHead(load_causal_lm(spec["base_path"]), cfg.value_head_init)
     pad_id = pad_token_id(tokenizer)
 
     shadow = zero3_shadow(model, cfg)
