@@ -29,6 +29,7 @@ def prepare_environment(state_dir: str | None = None, quiet: bool = True) -> Pat
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),  # torch_compile: compiled kernels kept per state dir
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TRANSFORMERS_VERBOSITY": "error",

@@ -309,13 +309,16 @@ def run_loop(
 
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+        fused=cfg.optim == "adamw_torch_fused",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
     trim_engine(engine, world)
+    if cfg.torch_compile:  # module.compile in place: parameter names and checkpoints are unchanged
+        engine.compile(compile_kwargs={"dynamic": True})
 
     start_step, resumed_from = 0, None
     if rank == 0:  # drop the uncommitted tags of a save that was killed midway

@@ -17,6 +17,12 @@ class TrainConfig(Strict):
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (nanoGPT)")
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = Field(
+        "adamw_torch_fused",
+        description="AdamW kernel, by transformers' `optim` names: 'adamw_torch_fused' (one fused kernel "
+        "over every tensor; transformers' default, so also what TRL runs) or 'adamw_torch' (torch's "
+        "per-tensor loop on CPU). Same update up to float rounding",
+    )
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
@@ -30,6 +36,13 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="seed for init, data order and sampling")
     deepspeed: str = Field("zero0.json", description="DeepSpeed JSON: a file in deployments/deepspeed/ or a path")
     zero_stage: int | None = Field(None, ge=0, le=3, description="override the JSON's ZeRO stage")
+    torch_compile: bool = Field(
+        False,
+        description="compile the model with torch.compile (inductor, dynamic shapes) through DeepSpeed's "
+        "engine.compile, as transformers' `torch_compile`. Measured on the built-in model on 2 CPU cores: "
+        "SFT steps ~10% faster once compiled, after 20-40 s of compiling per stage (cached in the state "
+        "dir's inductor cache): it pays on long stages and real models, not on the built-in recipes",
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="training precision (CPU: fp32 or bf16)")
     world_size: int = Field(1, ge=1, description="processes; > 1 launches with torchrun")
     num_threads: int | None = Field(None, ge=1, description="torch threads per rank (default: cores / world_size)")

@@ -113,6 +113,20 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_base, sft_file, tmp_pat
     assert one["last_metrics"]["loss"] == pytest.approx(accum["last_metrics"]["loss"], rel=1e-5)
 
 
+def test_torch_compile_and_the_adamw_kernels_train_the_same_weights(tiny_base, sft_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    fused = _run_sft(tiny_base, sft_file, tmp_path / "fused")  # the default: adamw_torch_fused, eager
+    loop = _run_sft(tiny_base, sft_file, tmp_path / "loop", optim="adamw_torch")
+    compiled = _run_sft(tiny_base, sft_file, tmp_path / "compiled", torch_compile=True)
+    w = _weights(fused["output_dir"])
+    for other in (loop, compiled):
+        w2 = _weights(other["output_dir"])
+        assert w.keys() == w2.keys()  # compiling in place keeps the parameter names (no _orig_mod.)
+        for k in w:
+            torch.testing.assert_close(w[k], w2[k], rtol=1e-4, atol=1e-5)
+        assert other["last_metrics"]["loss"] == pytest.approx(fused["last_metrics"]["loss"], rel=1e-4)
+
+
 def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft_file, tmp_path):
     from models.engine import read_metrics, run_loop
 
