@@ -25,6 +25,10 @@ With ppo_epochs = E > 1, optimizer steps s, s+1, ..., s+E-1 (s a multiple of E) 
 rollouts built at step s (kept in memory; checkpoints only fall on multiples of E, so a resume
 always rebuilds them from the same weights).
 
+The critic can start from a zero head (`value_head_init: zeros`, V = 0 everywhere), train at its
+own lr (`value_lr_multiplier`) and train alone for the first `critic_warmup` steps (the policy
+loss weighted 0): a fresh critic's O(1) noise otherwise dominates GAE's advantages.
+
 What this does not do: mini-batch shuffling within an epoch, adaptive KL control, a critic separate
 from the policy, or generation with an inference server.
 """
