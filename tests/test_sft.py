@@ -115,8 +115,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_base, sft_file, tmp_pat
 
 def test_torch_compile_and_the_adamw_kernels_train_the_same_weights(tiny_base, sft_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    fused = _run_sft(tiny_base, sft_file, tmp_path / "fused")  # the default: adamw_torch_fused, eager
-    loop = _run_sft(tiny_base, sft_file, tmp_path / "loop", optim="adamw_torch")
+    fused = _run_sft(tiny_base, sft_file, tmp_path / "fused", optim="adamw_torch_fused")
+    loop = _run_sft(tiny_base, sft_file, tmp_path / "loop")  # the default: adamw_torch
     compiled = _run_sft(tiny_base, sft_file, tmp_path / "compiled", torch_compile=True)
     w = _weights(fused["output_dir"])
     for other in (loop, compiled):
