@@ -62,6 +62,13 @@ def load_policy(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
+def assert_same_weights(path_a, path_b, atol: float = 1e-6) -> None:
+    a, _ = load_policy(path_a)
+    b, _ = load_policy(path_b)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=atol, msg=name)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -262,10 +269,7 @@ def test_resume_regenerates_the_same_rollouts_and_weights(base, straight_run):
     shutil.rmtree(workdir / "output")
     again = run_training(TARGET, spec_for(base, workdir, max_steps=4), 1, workdir)
     assert again["resumed_from_step"] == 2 and again["final_step"] == 4
-    a, _ = load_policy(straight["output_dir"])
-    b, _ = load_policy(again["output_dir"])
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    assert_same_weights(straight["output_dir"], again["output_dir"])
     assert open(straight["rollouts_path"]).read() == open(again["rollouts_path"]).read()
     ma, mb = read_metrics(straight["metrics_path"]), read_metrics(again["metrics_path"])
     assert [m["step"] for m in mb] == [1, 2, 3, 4]  # the resumed run's lines continue the first run's
@@ -290,10 +294,7 @@ def test_num_iterations_resumes_on_a_batch_boundary(base):
     shutil.rmtree(workdir / "output")
     again = run_training(TARGET, spec_for(base, workdir, num_iterations=2, save_every=2), 1, workdir)
     assert first["final_step"] == 2 and again["resumed_from_step"] == 2
-    a, _ = load_policy(straight["output_dir"])
-    b, _ = load_policy(again["output_dir"])
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    assert_same_weights(straight["output_dir"], again["output_dir"])
     assert open(straight["rollouts_path"]).read() == open(again["rollouts_path"]).read()
 
 
