@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         test = [json.loads(line) for line in (data / "test_problems.jsonl").open()]
         workdir = args.out / name
         t0 = time.perf_counter()
-        spec = {"config": cfg, "base_path": str(base), "prompts_path": str(prompts), "workdir": str(workdir)}
+        train_spec = {"config": cfg, "base_path": str(base), "prompts_path": str(prompts), "workdir": str(workdir)}
         if args.stage == "ppo" and cfg.get("reward_model_weight", 0) and not cfg.get("reward_model"):
-            spec["reward_model_path"] = str(args.reward_model or _newest("work/reward_model-*/output", args.state_dir))
-        res = run_training(f"models.recipes.{args.stage}:train_{args.stage}", spec, 1, str(workdir))
+            train_spec["reward_model_path"] = str(
+                args.reward_model or _newest("work/reward_model-*/output", args.state_dir))
+        res = run_training(f"models.recipes.{args.stage}:train_{args.stage}", train_spec, 1, str(workdir))
         seconds = time.perf_counter() - t0
         model = AutoModelForCausalLM.from_pretrained(res["output_dir"])
         tok = AutoTokenizer.from_pretrained(res["output_dir"])

@@ -45,10 +45,12 @@ from models.packing import packed_logits, verify as verify_packing
 from models.recipes.rollout_common import (
     load_causal_lm,
     load_problems,
+    logs_batch,
     pad_token_id,
     resolve_problems,
     rollout_logger,
     rollout_result,
+    reused_batches,
     rollout_seed,
     sampling_policy,
     truncate_rollout_log,
@@ -125,18 +127,7 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
         stop_strings=tuple(cfg.stop_strings),
     )
 
-    held: dict[int, list[dict]] = {}  # the current rollout batch, keyed by the step that sampled it
-
-    def global_batch(step: int) -> list[dict]:
-        first = step - step % cfg.num_iterations
-        if first in held:
-            return held[first]
-        if first != step:
-            raise RuntimeError(
-                f"step {step} reuses the rollout batch of step {first}, which this process never sampled "
-                f"(a resume must start on a multiple of num_iterations = {cfg.num_iterations})"
-            )
-        batch_no = step // cfg.num_iterations  # prompts advance once per rollout batch
+    def build(step: int, batch_no: int) -> list[dict]:  # prompts advance once per rollout batch
         picked = [problems[i] for i in sampler.indices(batch_no * cfg.num_prompts, cfg.num_prompts)]
         with sampling_policy(model, shadow) as policy:
             rollouts = sample(
@@ -147,10 +138,9 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
         items = make_items(rollouts, picked, rewards, correct, cfg)
         if on_batch is not None:
             on_batch(step, items)
-        held.clear()
-        held[step] = items
         return items
 
+    global_batch = reused_batches(build, cfg.num_iterations, "num_iterations")
     return global_batch
 
 
@@ -269,9 +259,7 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
 
 
 def should_log_rollouts(step: int, cfg: GRPOConfig) -> bool:
-    """Log the batch sampled at `step` if it is the first one or feeds a step that saves."""
-    last_done = step + cfg.num_iterations  # 1-based number of the last step this batch feeds
-    return cfg.log_rollouts > 0 and (step == 0 or last_done % cfg.save_every == 0)
+    return logs_batch(step, cfg.num_iterations, cfg.save_every, cfg.log_rollouts)
 
 
 def rollout_rows(step: int, items: list[dict], cfg: GRPOConfig) -> list[dict]:

@@ -47,8 +47,9 @@ from models.kl import kl_estimate
 from models.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
 from models.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from models.ppo_config import PPOConfig
-from models.recipes.rollout_common import (load_causal_lm, pad_token_id, resolve_problems, rollout_logger,
-                                           rollout_result, rollout_seed, sampling_policy, zero3_shadow)
+from models.recipes.rollout_common import (load_causal_lm, logs_batch, pad_token_id, resolve_problems,
+                                           reused_batches, rollout_logger, rollout_result, rollout_seed,
+                                           sampling_policy, zero3_shadow)
 from models.recipes.sft import EpochSampler, save_hf_dir
 from models.rewards import combine_rewards
 from models.rollouts import SamplingParams, sample
@@ -159,9 +160,8 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                             top_k=0, stop_strings=tuple(cfg.stop_strings))
     pad_id = pad_token_id(tokenizer)
-    cache: dict = {}
 
-    def build(rollout_index: int) -> list[dict]:
+    def build(step: int, rollout_index: int) -> list[dict]:
         picked = [problems[i] for i in sampler.indices(rollout_index * cfg.num_prompts, cfg.num_prompts)]
         with sampling_policy(model, shadow) as policy, torch.no_grad():
             rollouts = sample(policy.pretrained_model, tokenizer, [p["prompt"] for p in picked],
@@ -204,21 +204,11 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
                       finish_reason=ro.finish_reason, score=scores[i], correct=bool(correct[i]),
                       old_logprobs=lp[i, :c].tolist(), ref_logprobs=ref[i, :c].tolist(),
                       old_values=val[i, :c].tolist(), kl=float(t["kl"][i].sum()), stats=stats)
+        if on_batch is not None:
+            on_batch(step, items)
         return items
 
-    def global_batch(step: int) -> list[dict]:
-        rollout_index, epoch = divmod(step, cfg.ppo_epochs)
-        if epoch == 0:
-            cache.clear()
-            cache.update(index=rollout_index, items=build(rollout_index))
-            if on_batch is not None:
-                on_batch(step, cache["items"])
-        elif cache.get("index") != rollout_index:
-            raise RuntimeError(f"step {step}: rollouts of batch {rollout_index} are not in memory "
-                               "(a resume must start at a multiple of ppo_epochs)")
-        return cache["items"]
-
-    return global_batch
+    return reused_batches(build, cfg.ppo_epochs, "ppo_epochs")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -300,8 +290,7 @@ def rollout_rows(step: int, items: list[dict], cfg: PPOConfig) -> list[dict]:
 
 
 def should_log_rollouts(step: int, cfg: PPOConfig) -> bool:
-    """The first batch and every batch whose last epoch ends on a save step."""
-    return cfg.log_rollouts > 0 and (step == 0 or (step + cfg.ppo_epochs) % cfg.save_every == 0)
+    return logs_batch(step, cfg.ppo_epochs, cfg.save_every, cfg.log_rollouts)
 
 
 # ----------------------------------------------------------------------------- recipe

@@ -1,5 +1,6 @@
 """What the on-policy recipes (GRPO, PPO) share: problems, rollout seeds, the policy to sample
-from under ZeRO-3, the models they load, and the rollouts.jsonl sample that a resume keeps exact.
+from under ZeRO-3, the models they load, one rollout batch reused for several optimizer steps (GRPO's
+num_iterations, PPO's ppo_epochs), and the rollouts.jsonl sample that a resume keeps exact.
 
 `models.recipes.grpo` re-exports the helpers it has always exported (`load_problems`,
 `rollout_seed`, `sampling_policy`, `truncate_rollout_log`).
@@ -94,6 +95,42 @@ def sampling_policy(model: torch.nn.Module, shadow: torch.nn.Module | None):
     yield shadow
 
 
+# ----------------------------------------------------------------------------- batch reuse
+
+
+def reused_batches(
+    build: Callable[[int, int], list[dict]], every: int, knob: str
+) -> Callable[[int], list[dict]]:
+    """`global_batch(step)` that builds a rollout batch on steps that are multiples of `every`
+    (`build(step, step // every)`: the step that samples it and the batch's index) and hands the same
+    batch to the next `every - 1` steps (GRPO's μ = num_iterations, PPO's ppo_epochs). Only the current
+    batch is kept; a step inside a batch this process never built (a resume off a batch boundary)
+    is an error naming the config field `knob`."""
+    held: dict[str, object] = {"step": None, "items": None}
+
+    def global_batch(step: int) -> list[dict]:
+        first = step - step % every
+        if held["step"] == first:
+            return held["items"]
+        if first != step:
+            raise RuntimeError(
+                f"step {step}: the rollout batch of step {first} is not in memory (this process never "
+                f"sampled it; a resume must start at a multiple of {knob} = {every})"
+            )
+        held.update(step=None, items=None)
+        items = build(step, step // every)
+        held.update(step=step, items=items)
+        return items
+
+    return global_batch
+
+
+def logs_batch(step: int, every: int, save_every: int, log_rollouts: int) -> bool:
+    """Whether the rollout batch built at `step` goes to the rollout log: the first batch, and every
+    batch whose last step (`step + every`, 1-based) saves a checkpoint."""
+    return log_rollouts > 0 and (step == 0 or (step + every) % save_every == 0)
+
+
 # ----------------------------------------------------------------------------- rollout log
 
 
@@ -133,5 +170,5 @@ def rollout_result(res, rollouts_path: Path, problems: list[dict]) -> dict:
 
 __all__ = [
     "load_problems", "resolve_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "zero3_shadow",
-    "sampling_policy", "truncate_rollout_log", "rollout_logger", "rollout_result",
+    "sampling_policy", "truncate_rollout_log", "rollout_logger", "rollout_result", "reused_batches", "logs_batch",
 ]
