@@ -1,5 +1,6 @@
-"""Padding-free forwards (models/packing.py): the packed and prefix-tree layouts give the padded
-batch's logits and gradients, and anything unverified falls back to the padded forward."""
+"""Padding-free forwards (models/packing.py): the packed, prefix-tree and segments layouts give the
+padded batch's logits and gradients (eager and under torch.compile), and anything unverified falls
+back to the padded forward."""
 
 from __future__ import annotations
 
@@ -58,9 +59,25 @@ def test_tree_mask_is_each_sequences_causal_mask():
     assert mask[0, 0].any(-1).all()  # unused slots attend to themselves: no all-masked row
 
 
-@pytest.mark.parametrize("mode", ["packed", "tree"])
+def test_segment_pack_lays_each_sequence_out_as_its_path_through_the_tree():
+    ids, pos, gather, scatter, index = P.segment_pack(ROWS, pad_id=0, t=10)
+    n = 1 + 3 + 4 + 1 + 6 + 2 + 2 + 3 + 1  # the trie nodes, each once (as in tree_bins above)
+    assert ids.shape == pos.shape == (1, n) and scatter.shape == (n,) and P.trie_nodes(ROWS) == n
+    longest = max(map(len, ROWS))
+    assert gather.shape == (len(ROWS), longest)
+    for b, row in enumerate(ROWS):
+        path = gather[b, : len(row)]
+        assert ids[0, path].tolist() == row and pos[0, path].tolist() == list(range(len(row)))
+        assert (gather[b, len(row):] == path[-1]).all()  # padding repeats the last node
+        assert index[b * 10 : b * 10 + len(row)].tolist() == path.tolist()  # logits of row b come from its path
+    for node in range(n):  # every node keeps the output of a path position that *is* that node
+        b, j = divmod(int(scatter[node]), longest)
+        assert j < len(ROWS[b]) and int(gather[b, j]) == node
+
+
+@pytest.mark.parametrize("mode", ["packed", "tree", "segments"])
 def test_layouts_give_the_padded_logits_and_gradients(model, mode):
-    assert P.verify(model) == {"packed": True, "tree": True}
+    assert P.verify(model) == {"packed": True, "tree": True, "segments": True}
     ids, mask = _batch(ROWS)
     lengths = mask.sum(-1).tolist()
     layout = P.plan(lengths, model.config, [r[:] for r in ROWS], (mode,))
@@ -83,10 +100,56 @@ def test_packed_logits_picks_a_cheaper_layout_and_matches(model):
     ids, mask = _batch(rows)
     lengths = mask.sum(-1).tolist()
     assert P.plan(lengths, model.config, rows).mode == "tree"
+    # 24 paths over 23 trie nodes: one tree row of 23 slots is cheaper than attending per path
+    assert P.plan(lengths, model.config, rows, ("packed", "tree", "segments")).mode == "tree"
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
         got = P.packed_logits(model, ids, mask)
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_distinct_sequences_of_mixed_lengths_take_the_segments_layout(model):
+    g = torch.Generator().manual_seed(1)
+    lengths = (30, 5, 12, 28, 7, 19, 30, 9, 22, 14, 25, 6)
+    rows = [[3 + i] + torch.randint(3, 60, (n - 1,), generator=g).tolist() for i, n in enumerate(lengths)]
+    ids, mask = _batch(rows)
+    lengths = mask.sum(-1).tolist()
+    layout = P.plan(lengths, model.config, rows, ("packed", "tree", "segments"))
+    assert layout.mode == "segments" and layout.width == P.trie_nodes(rows) == sum(lengths)
+    before = P.STATS["computed_slots"]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        got = P.packed_logits(model, ids, mask)
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert P.STATS["computed_slots"] - before == sum(lengths)  # no slot spent on padding or row tails
+    assert model.config._attn_implementation == "sdpa"  # the segments forward switched it back
+
+
+def test_segments_under_torch_compile_give_the_padded_logits_and_gradients():
+    """Compiled, segment_attention takes its matmul-softmax branch (faster than the CPU flash kernel
+    at these sizes) and the row gathers stay opaque ATen ops: the numbers must not change. A
+    grouped-query model (2 query heads per key/value head) also covers the head repeat."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     attn_implementation="sdpa"))
+    assert P.verify(m)["segments"]
+    ids, mask = _batch(ROWS)
+    lengths = mask.sum(-1).tolist()
+    layout = P.plan(lengths, m.config, [r[:] for r in ROWS], ("segments",))
+    m.zero_grad()
+    ref = m(input_ids=ids, attention_mask=mask).logits
+    ref[mask.bool()].logsumexp(-1).sum().backward()
+    g_ref = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    compiled = torch.compile(m, dynamic=True)
+    got = P._forward(compiled, ids, lengths, 0, layout)
+    got[mask.bool()].logsumexp(-1).sum().backward()
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ref, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 class NoPositions(torch.nn.Module):
@@ -106,7 +169,7 @@ class NoPositions(torch.nn.Module):
 
 def test_a_model_that_fails_the_check_keeps_the_padded_forward():
     m = NoPositions()
-    assert P.verify(m) == {"packed": False, "tree": False}
+    assert P.verify(m) == {"packed": False, "tree": False, "segments": False}
     ids, mask = _batch([[1, 2, 3, 4], [1, 2], [5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(P.packed_logits(m, ids, mask), m(input_ids=ids, attention_mask=mask).logits)
