@@ -23,8 +23,10 @@ FLOP estimate (linear layers ∝ rows × width, attention ∝ rows × width²) f
   tree (its own tokens and the shared prefix nodes) into a (B, H, L, D) batch and runs causal SDPA
   on it, then puts each node's output back (`segment_attention`, a transformers attention function
   switched in for that forward only). The masked rows above attend over whole row widths with an
-  explicit mask; here attention costs Σ over sequences of its causal half, on the fast unmasked
-  kernel (SFT batch of the built-in task: 4 layers' attention 10 → ~5 ms of a ~66 ms step).
+  explicit mask; here attention costs about half of B · L² (L the longest sequence) on an unmasked
+  causal kernel (`benchmarks/profile_sft.py --compile --profile`, the bench's SFT batches: the
+  masked SDPA kernels took 10.2 ms a step; now the attention matmuls take 5.2 ms and the path
+  gathers ~2.5 ms).
   (sdpa / eager models without sliding windows, soft-capping or attention sinks.)
 
 The logits are then gathered back into the padded (B, T, V) layout (a shared position feeds every
