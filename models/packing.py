@@ -113,6 +113,26 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _trie_paths(rows: list[list[int]], members):
+    """Walk rows[i] for i in `members` (lexicographic order) through their prefix tree, numbering new
+    nodes 0, 1, ... as they appear: yields (i, nodes, keep), nodes[j] the node of token j of row i,
+    of which the first `keep` (the common prefix with the previous row) are that row's."""
+    used = 0
+    prev_nodes: np.ndarray | None = None
+    prev_row: list[int] | None = None
+    for i in members:
+        row = rows[i]
+        n = len(row)
+        keep = _lcp(prev_row, row) if prev_row is not None else 0
+        nodes = np.empty(n, dtype=np.int64)
+        if keep:
+            nodes[:keep] = prev_nodes[:keep]
+        nodes[keep:] = np.arange(used, used + n - keep)
+        yield i, nodes, keep
+        used += n - keep
+        prev_nodes, prev_row = nodes, row
+
+
 def tree_bins(rows: list[list[int]], capacity: int) -> tuple[list[list[int]], list[int]]:
     """Sequences in lexicographic order, cut greedily into bins whose prefix trees have at most
     `capacity` nodes (a sequence longer than that gets a bin of its own). Returns the bins and the
@@ -204,24 +224,15 @@ def segment_pack(rows: list[list[int]], pad_id: int, t: int):
     gather = np.zeros((n_seq, longest), dtype=np.int64)
     index = np.zeros(n_seq * t, dtype=np.int64)
     used = 0
-    prev_nodes: np.ndarray | None = None
-    prev_row: list[int] | None = None
-    for i in order:
-        row = rows[i]
-        n = len(row)
-        keep = _lcp(prev_row, row) if prev_row is not None else 0
-        nodes = np.empty(n, dtype=np.int64)
-        nodes[:keep] = prev_nodes[:keep] if keep else nodes[:0]
-        fresh = n - keep
-        nodes[keep:] = np.arange(used, used + fresh)
-        ids[used : used + fresh] = row[keep:]
-        pos[used : used + fresh] = np.arange(keep, n)
-        scatter[used : used + fresh] = i * longest + np.arange(keep, n)
+    for i, nodes, keep in _trie_paths(rows, order):
+        row, n = rows[i], len(rows[i])
+        used = max(used, int(nodes[n - 1]) + 1)  # new nodes are numbered after every earlier one
+        ids[nodes[keep:]] = row[keep:]
+        pos[nodes[keep:]] = np.arange(keep, n)
+        scatter[nodes[keep:]] = i * longest + np.arange(keep, n)
         gather[i, :n] = nodes
         gather[i, n:] = nodes[n - 1]
         index[i * t : i * t + n] = nodes
-        used += fresh
-        prev_nodes, prev_row = nodes, row
     as_t = torch.from_numpy
     return (as_t(ids[:used]).view(1, used), as_t(pos[:used]).view(1, used), as_t(gather), as_t(scatter[:used]),
             as_t(index))
@@ -392,23 +403,13 @@ def tree_pack(rows: list[list[int]], width: int, bins: list[list[int]], pad_id: 
     tri = np.tril(np.ones((width, width), dtype=bool))
     for r, members in enumerate(bins):
         used = 0
-        prev_nodes: np.ndarray | None = None
-        prev_row: list[int] | None = None
-        for i in members:
-            row = rows[i]
-            n = len(row)
-            keep = _lcp(prev_row, row) if prev_row is not None else 0
-            nodes = np.empty(n, dtype=np.int64)
-            if keep:
-                nodes[:keep] = prev_nodes[:keep]
-            fresh = n - keep
-            nodes[keep:] = np.arange(used, used + fresh)
-            ids[r, used : used + fresh] = row[keep:]
-            pos[r, used : used + fresh] = np.arange(keep, n)
+        for i, nodes, keep in _trie_paths(rows, members):
+            row, n = rows[i], len(rows[i])
+            used = max(used, int(nodes[n - 1]) + 1)
+            ids[r, nodes[keep:]] = row[keep:]
+            pos[r, nodes[keep:]] = np.arange(keep, n)
             mask[r][np.ix_(nodes[keep:], nodes)] = tri[keep:n, :n]
             index[i * t : i * t + n] = r * width + nodes
-            used += fresh
-            prev_nodes, prev_row = nodes, row
         free = np.arange(used, width)
         mask[r, free, free] = True
     return (torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask)[:, None], torch.from_numpy(index))
