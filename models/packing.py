@@ -328,7 +328,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
         ar = torch.arange(length, device=q.device)
         scores = scores.masked_fill(ar[None, :] > ar[:, None], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), paths(value))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # in fp32 under bf16 too
+        out = torch.matmul(probs, paths(value))
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             paths(query), paths(key), paths(value), dropout_p=p_drop, is_causal=True, scale=scaling,
