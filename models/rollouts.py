@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.segment_attention import attention_implementation
+
 
 @dataclass
 class Rollout:
@@ -256,11 +258,8 @@ def _decode_attention_for(model):
     if not FAST_DECODE or current not in ("sdpa", "eager") or not _register_decode_attention():
         yield
         return
-    config._attn_implementation = DECODE_ATTENTION
-    try:
+    with attention_implementation(config, DECODE_ATTENTION):
         yield
-    finally:
-        config._attn_implementation = current
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
