@@ -65,7 +65,7 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
 # ----------------------------------------------------------------------------- workers
 
 
-def posttrain_side(p: dict) -> dict:
+def posttrain_side(p: dict, on_log=None) -> dict:
     from models.config import SFTConfig
     from models.engine import ensure_distributed_env, read_metrics
     from models.recipes.sft import train_sft
@@ -77,7 +77,7 @@ def posttrain_side(p: dict) -> dict:
                     max_seq_len=MAX_SEQ_LEN, num_threads=p["threads"], seed=0,
                     torch_compile=p.get("torch_compile", False))
     res = train_sft({"config": cfg.model_dump(), "base_path": p["base"], "dataset_path": str(data),
-                     "workdir": str(Path(p["tmp"]) / "work")})
+                     "workdir": str(Path(p["tmp"]) / "work")}, on_log=on_log)
     rows = read_metrics(res["metrics_path"])
     from models.packing import STATS
 

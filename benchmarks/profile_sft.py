@@ -1,8 +1,9 @@
-"""Where an SFT step of the bench's setup spends its time: one process, the bench base and batches
-of `bench_sft.py` (batch 16, the same seeded order), posttrain's step function on a DeepSpeed
-ZeRO-0 engine, eager or with `--compile`. Prints the median step time, the model GFLOP/s and MFU
-(against a 4096² matmul measured at the end, as `bench_sft.py` counts them), and with `--profile`
-the `torch.profiler` table of `--profile-steps` steps taken after the timed ones.
+"""Where an SFT step of the bench's setup spends its time: one process running posttrain's SFT
+(`train_sft`, the loop `bench_sft.py` times) on the bench base and its batches (batch 16, the same
+seeded order), eager or with `--compile`. Prints the median step time (run_loop's `step_seconds`),
+the model GFLOP/s and MFU (against a 4096² matmul measured at the end, as `bench_sft.py` counts
+them), and with `--profile` the `torch.profiler` table of `--profile-steps` steps taken after the
+timed ones (the final checkpoint and save fall outside it).
 
 Not part of `make bench` (no TRL side, no alternation): a tool for reading a profile. Examples:
 
@@ -15,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from benchmarks import common
-from benchmarks.bench_sft import LR, MAX_SEQ_LEN, matmul_peak, model_shape, plan, sft_rows, step_flops
+from benchmarks.bench_sft import matmul_peak, model_shape, plan, posttrain_side, sft_rows, step_flops
 
 
 def main() -> None:
@@ -33,54 +33,31 @@ def main() -> None:
     common.quiet_libraries()
     common.pin_threads(a.threads)
 
+    import tempfile
+
     import torch
-
-    from models.engine import StepContext, deepspeed_config, ensure_distributed_env, trim_engine
-
-    ensure_distributed_env()
-    import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from models.config import SFTConfig
-    from models.packing import verify
-    from models.recipes.sft import lm_step_fn, tokenize_examples
 
     total = a.steps + (a.profile_steps if a.profile else 0)
     base = str(common.bench_base(threads=a.threads))
     rows = sft_rows(4096)
     pl = plan(base, rows, total, common.SFT_BATCH)
-    tok = AutoTokenizer.from_pretrained(base)
-    examples, _ = tokenize_examples(rows, "prompt_completion", tok, MAX_SEQ_LEN, True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    verify(model)
-    cfg = SFTConfig(max_steps=total, batch_size=common.SFT_BATCH, micro_batch_size=common.SFT_BATCH, lr=LR,
-                    warmup_steps=0, lr_schedule="constant", num_threads=a.threads)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    trim_engine(engine, 1)
-    if a.compile:
-        engine.compile(compile_kwargs={"dynamic": True})
-    step_fn = lm_step_fn(tok.pad_token_id)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
-    def step(s: int) -> None:
-        batch = [examples[i] for i in pl["order"][s]]
-        loss, _ = step_fn(engine, batch, StepContext(s, 0, 0, 1, 1, batch, 1.0))
-        engine.backward(loss)
-        engine.step()
+    def on_log(row: dict) -> None:  # called after each optimizer step (log_every 1), before any save
+        if a.profile and row["step"] == a.steps:
+            prof.__enter__()
+        if a.profile and row["step"] == total:
+            prof.__exit__(None, None, None)
 
-    times = []
-    for s in range(a.steps):
-        t0 = time.perf_counter()
-        step(s)
-        times.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        side = posttrain_side({"base": base, "rows": rows, "steps": total, "batch": common.SFT_BATCH, "tmp": tmp,
+                               "threads": a.threads, "torch_compile": a.compile}, on_log=on_log)
+    times = side["step_seconds"][: a.steps]
+    if a.profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     shape = model_shape(base)
     kept = range(a.warmup, a.steps)
     flops = [step_flops(shape, pl["tokens"][i], pl["sq_lens"][i]) / times[i] for i in kept]
-    if a.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for s in range(a.steps, total):
-                step(s)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     peak = matmul_peak(a.threads, 4096)["gflops"]
     med = statistics.median(flops) / 1e9
     print(f"{'compiled' if a.compile else 'eager'}: median step {1000 * statistics.median(times[a.warmup:]):.1f} ms "
