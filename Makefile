@@ -9,7 +9,7 @@ RECIPE ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run smoke test test-fast bench clean
+.PHONY: setup run smoke test test-fast gpu-check bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: the device-placement tests, then the SmolLM2 smoke recipe (its base
+# the packaged Q4_1 GGUF, docs/real-models.md) trained in bf16; meant to finish in under 10 minutes.
+# `setup` installs the torch==2.13.0 this machine has on disk: on a GPU host install a CUDA build of
+# torch 2.13.0 into .venv first. GPU_ARGS adds `--set` overrides (e.g. for stages the recipe lacks).
+GPU_BF16 := --set fetch.gguf_dtype=bfloat16 --set sft.precision=bf16 --set grpo.precision=bf16 \
+	--set refine.precision=bf16
+GPU_ARGS ?=
+gpu-check: setup
+	$(BIN)/python -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	$(BIN)/python -m pytest -m cuda tests/test_gpu.py
+	$(BIN)/posttrain run smollm2-r1 --smoke --state-dir .posttrain/gpu-check $(GPU_BF16) $(GPU_ARGS)
 
 # Benchmarks (benchmarks/README.md): writes benchmarks/results.json and benchmarks/results.md.
 # The `bench` extra (TRL, the peer we compare with) is installed with every package already in the

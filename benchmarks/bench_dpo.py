@@ -47,8 +47,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
     """posttrain's per-step batches (pair indices) and their input tokens (chosen + rejected)."""
     from transformers import AutoTokenizer
 
-    from models.recipes.dpo import tokenize_pairs
-    from models.recipes.sft import EpochSampler
+    from models.batching import EpochSampler
+    from models.preference_pairs import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(base)
     items, dropped = tokenize_pairs(rows, tok, MAX_SEQ_LEN)

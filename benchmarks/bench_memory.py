@@ -69,7 +69,10 @@ def measure_target(spec: dict, on_log=None) -> dict:
 
     from models.config import SFTConfig
     from models.engine import run_loop
-    from models.recipes.sft import EpochSampler, lm_step_fn, save_hf_dir, tokenize_examples
+    from models.batching import EpochSampler
+    from models.checkpoints import save_hf_dir
+    from models.lm_loss import lm_step_fn
+    from models.recipes.sft import tokenize_examples
 
     cfg = SFTConfig.model_validate(spec["config"])
     torch.manual_seed(0)

@@ -47,7 +47,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
     """posttrain's per-step batches (row indices), their input tokens and Σ len² (for attention FLOPs)."""
     from transformers import AutoTokenizer
 
-    from models.recipes.sft import EpochSampler, tokenize_examples
+    from models.batching import EpochSampler
+    from models.recipes.sft import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(base)
     examples, dropped = tokenize_examples(rows, "prompt_completion", tok, MAX_SEQ_LEN, True)

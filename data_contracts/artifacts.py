@@ -50,12 +50,17 @@ def _update_file(h, f: Path) -> None:
             h.update(chunk)
 
 
+# Kinds of input that lineage checks by digest on disk and MLflow records as a logged input: datasets,
+# and "source" files that no stage run produced (a .gguf checkpoint that fetch converts).
+EXTERNAL_KINDS = ("dataset", "source")
+
+
 class ArtifactRef(BaseModel):
     """A pointer to a stage output: path + content digest + producing MLflow run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = Field(description="what the artifact is: 'model', 'dataset', 'eval'")
+    kind: str = Field(description="what the artifact is: 'model', 'dataset', 'eval', 'source'")
     path: str = Field(description="absolute path on the shared filesystem")
     digest: str = Field(description="sha256 digest of the content, see digest_path()")
     run_id: str | None = Field(default=None, description="MLflow run that produced it, if tracked")

@@ -141,6 +141,12 @@ def _row_check(rc: RowCheck) -> pa.Check:
     return pa.Check(check, name=f"row:{rc.name}")
 
 
+def require_rows(df: pd.DataFrame, source: str) -> None:
+    """A dataset a user gives has at least one record (an empty file is named as one)."""
+    if len(df) == 0:
+        raise ContractError(source, None, None, "no records: the file is empty (want one JSON object per line)")
+
+
 def validate_frame(
     df: pd.DataFrame, source: str, fields: Sequence[Field], row_checks: Sequence[RowCheck] = ()
 ) -> pd.DataFrame:

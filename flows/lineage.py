@@ -4,7 +4,9 @@ check every recorded digest against the files on disk.
 Each stage run carries the lineage tags written by `tasks.common.lineage_tags` (stage, cache key,
 inputs with digests, upstream runs, code version, Prefect ids) plus its output's digest and path. A
 cache-hit run names the run that produced the result (`posttrain.cached_from_run`); the walk follows
-it, so the chain always lists producing runs. The walk ends at `fetch`, the one stage with no inputs.
+it, so the chain always lists producing runs. The walk follows every input, so a node with several
+parents (a distilled student: its own base, and the teacher through the samples) lists them all; each
+branch ends at a `fetch`, the one kind with no inputs.
 
 What a chain can start from: an output dir, a digest (`sha256:…`), a stage run id, a registry URI
 (`models:/name/version`), a flow's MLflow parent run id, or a Prefect flow-run id (via the run
@@ -18,7 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_contracts.artifacts import digest_path
+from data_contracts.artifacts import EXTERNAL_KINDS, digest_path
 
 NOT_IN_CHAIN = ("evaluate",)  # evaluation runs hang off a checkpoint; nothing downstream reads them
 
@@ -41,6 +43,7 @@ class StageRecord:
     upstream_runs: list[str] = field(default_factory=list)
     reached_via_cache_hit: str | None = None  # the cache-hit run the walk came through, if any
     status: str | None = None
+    kind: str | None = None  # the node's stage kind (its name when the run predates named nodes)
 
 
 def _tag_json(tags: dict, key: str, default):
@@ -65,15 +68,15 @@ def resolve_start(reader, target: str, state_dir: str | None = None) -> str:
             raise LineageError(f"no registered model version {target} in the store {reader.uri}")
         return mv["run_id"]
     if target.startswith("sha256:"):
-        hit = _pick(reader.search(f"tags.`posttrain.output_digest` = '{target}'"))
+        hit = _pick(reader.runs_tagged("posttrain.output_digest", target))
         if hit is None:
             raise LineageError(f"no stage run recorded an output with digest {target}")
         return hit["run_id"]
     p = Path(target).expanduser()
     if p.exists():
-        hit = _pick(reader.search(f"tags.`posttrain.output_path` = '{p.resolve()}'"))
+        hit = _pick(reader.runs_tagged("posttrain.output_path", str(p.resolve())))
         if hit is None:
-            hit = _pick(reader.search(f"tags.`posttrain.output_digest` = '{digest_path(p)}'"))
+            hit = _pick(reader.runs_tagged("posttrain.output_digest", digest_path(p)))
         if hit is None:
             raise LineageError(f"no stage run recorded {p.resolve()} (or its digest) as its output")
         return hit["run_id"]
@@ -94,9 +97,11 @@ def resolve_start(reader, target: str, state_dir: str | None = None) -> str:
 
 
 def _final_stage_run(reader, parent: dict) -> str:
-    from models.config import STAGE_KINDS
+    from models.stages import STAGE_KINDS
 
-    children = reader.search(f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")
+    if parent["tags"].get("posttrain.final_run_id"):  # the run of the model the flow registered
+        return parent["tags"]["posttrain.final_run_id"]
+    children = reader.runs_tagged("mlflow.parentRunId", parent["run_id"])
     models = [c for c in children if STAGE_KINDS.get(c["tags"].get("posttrain.stage", "")) == "checkpoint"]
     if not models:
         raise LineageError(f"flow run {parent['run_id']} has no stage run that made a checkpoint")
@@ -138,13 +143,14 @@ def walk(reader, start_run_id: str) -> tuple[list[StageRecord], list[str]]:
             output_path=tags.get("posttrain.output_path"), output_digest=tags.get("posttrain.output_digest"),
             inputs=_tag_json(tags, "posttrain.inputs", []), upstream_runs=_tag_json(tags, "posttrain.upstream_runs", []),
             reached_via_cache_hit=via,
+            kind=tags.get("posttrain.stage_kind") or tags.get("posttrain.stage", "?"),
         )
         upstream = [i["run_id"] for i in rec.inputs if i.get("run_id")]
         upstream += [r for r in rec.upstream_runs if r not in upstream]
         for i in rec.inputs:
-            if i.get("kind") != "dataset" and not i.get("run_id"):
+            if i.get("kind") not in EXTERNAL_KINDS and not i.get("run_id"):
                 problems.append(f"stage {rec.stage!r}: input {i.get('name')!r} ({i.get('path')}) names no producing run")
-        if rec.stage != "fetch" and not rec.inputs:
+        if rec.kind != "fetch" and not rec.inputs:
             problems.append(f"stage {rec.stage!r} (run {rec.mlflow_run_id}) records no inputs: the chain stops "
                             "before the base checkpoint")
         for up in upstream:
@@ -194,7 +200,7 @@ def _check(path: str | None, digest: str | None) -> str | None:
 
 
 def verify(reader, records: list[StageRecord]) -> list[str]:
-    """Every stage output and every dataset input against its recorded digest."""
+    """Every stage output and every dataset or source input against its recorded digest."""
     problems: list[str] = []
     seen: set[tuple[str, str]] = set()
     for rec in records:
@@ -206,7 +212,7 @@ def verify(reader, records: list[StageRecord]) -> list[str]:
         seen.add((rec.output_path or "", rec.output_digest or ""))
         for i in rec.inputs:
             key = (i.get("path") or "", i.get("digest") or "")
-            if i.get("kind") != "dataset" or key in seen:
+            if i.get("kind") not in EXTERNAL_KINDS or key in seen:
                 continue
             seen.add(key)
             wrong = _check(i.get("path"), i.get("digest"))
@@ -223,7 +229,7 @@ def lineage(target: str, tracking_uri: str, state_dir: str | None = None) -> dic
     start = resolve_start(reader, target, state_dir)
     records, problems = walk(reader, start)
     records = [r for r in records if not r.stage.startswith(NOT_IN_CHAIN)]
-    if records and records[0].stage != "fetch":
+    if records and records[0].kind != "fetch":
         problems.append(f"the chain ends at stage {records[0].stage!r}, not at the base checkpoint (fetch)")
     problems += verify(reader, records)
     return {"start": target, "start_run_id": start, "stages": [asdict(r) for r in records], "problems": problems}
@@ -233,7 +239,8 @@ def format_chain(result: dict) -> str:
     lines = [f"lineage of {result['start']} (stage run {result['start_run_id']}), base first:"]
     for i, s in enumerate(result["stages"]):
         via = f"  (reached via cache hit {s['reached_via_cache_hit']})" if s["reached_via_cache_hit"] else ""
-        lines.append(f"{i + 1}. {s['stage']}  mlflow run {s['mlflow_run_id']} [{s['status']}]{via}")
+        kind = f" ({s['kind']})" if s.get("kind") and s["kind"] != s["stage"] else ""
+        lines.append(f"{i + 1}. {s['stage']}{kind}  mlflow run {s['mlflow_run_id']} [{s['status']}]{via}")
         lines.append(f"     config hash (cache key) {s['cache_key']}   code {s['code_version']}")
         lines.append(f"     prefect flow run {s['prefect_flow_run_id'] or '-'}  task run {s['prefect_task_run_id'] or '-'}")
         lines.append(f"     output {s['output_digest']}  {s['output_path']}")

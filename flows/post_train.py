@@ -1,8 +1,12 @@
 """The post-train flow: a recipe becomes a DAG of cached Prefect tasks.
 
-    fetch ─► evaluate ─► sft ─► evaluate ─► … (later: reward_model, grpo/ppo/dpo, sample, filter, refine)
+    fetch ─► evaluate ─► sft ─► evaluate ─► grpo ─► … (any graph of named nodes: models/stages.py)
 
-Each stage's cache key = hash(stage, resolved config, input digests, stage code version); Prefect
+The recipe resolves into nodes (name, kind, the upstream node on each port); `_run_graph` turns each
+into one call of its kind's task from the registry, in a topological order, independent branches at
+most `max_parallel_stages` at a time (flows/dag.py).
+
+Each node's cache key = hash(kind, resolved config, input digests, stage code version); Prefect
 persists the stage's small result (output refs) under `<state>/results`, so a rerun in any process
 that shares the state dir takes finished stages as cache hits, and a killed training stage finds its
 work dir (named by the same key) and resumes from its newest checkpoint.
@@ -11,6 +15,7 @@ work dir (named by the same key) and resumes from its newest checkpoint.
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -19,23 +24,21 @@ from prefect import flow
 
 from data_contracts.artifacts import ArtifactRef
 from flows import runs
+from flows.dag import run_graph
 from flows.failures import explain, retry_unless_disk_full
 from flows.state import configure_state_dir
-from models.config import STAGE_KINDS, RecipeConfig, load_recipe, resolved
+from models.config import KINDS, RecipeConfig, load_recipe, resolved
 from models.engine import read_metrics
 from models.faults import fault_point
-from tasks.cache import git_code_version, stage_cache_key, stage_code_version
-from tasks.common import RunContext, StageResult, default_tracking_uri, record_cache_hit, state_paths, tracker_for
-from tasks.data import resolve_preferences, resolve_problems, resolve_sft_dataset
+from models.stages import Node
+from tasks.cache import REPO_ROOT, git_code_version, stage_cache_key, stage_code_version
+from tasks.common import (RunContext, StageResult, default_tracking_uri, record_cache_hit, start_tracking, state_paths,
+                          tracker_for)
+from tasks.data import MissingData, resolve_problems
 from tasks.evaluate import evaluate_checkpoint
-from tasks.fetch import fetch_base
+from tasks.locks import stage_lock
 from tasks.progress import reporter
-from tasks.samples import filter_stage, sample_stage
-from tasks.train import train_stage
 from tasks import evaluate as evaluate_mod
-from tasks import fetch as fetch_mod
-from tasks import samples as samples_mod
-from tasks import train as train_mod
 
 
 def _cache_key_fn(context, parameters: dict) -> str:
@@ -51,20 +54,43 @@ def _cached(task_fn, *, results_dir: Path, retries: int):
 
 def _call(task_fn, kwargs: dict, ctx: RunContext, config_for_run: dict, inputs: dict[str, ArtifactRef],
           run_name: str | None = None) -> tuple[StageResult, bool, float]:
-    """Run a cached task; a cache hit whose output vanished from disk is recomputed."""
+    """Run a cached task; a cache hit whose output vanished from disk is recomputed.
+
+    Look-up, computation and the publication of the result happen under the cache key's lock
+    (tasks/locks.py): of the runs that need this key at once, one computes and the others wait and
+    take the cache hit."""
+    stage = kwargs.get("stage") or run_name or ""
     t0 = time.perf_counter()
-    state = task_fn(**kwargs, return_state=True)
-    result: StageResult = state.result()  # raises the stage's error when it failed
-    cached = state.name == "Cached"
-    if cached and not result.output.verify():
-        state = task_fn.with_options(refresh_cache=True)(**kwargs, return_state=True)
-        result, cached = state.result(), False
+    with stage_lock(ctx.state_dir, stage, kwargs["cache_key"], on_wait=lambda line: _tell(stage, line),
+                    flow_run_id=_flow_run_id()) as waited:
+        state = task_fn(**kwargs, return_state=True)
+        result: StageResult = state.result()  # raises the stage's error when it failed
+        cached = state.name == "Cached"
+        if cached and not result.output.verify():
+            state = task_fn.with_options(refresh_cache=True)(**kwargs, return_state=True)
+            result, cached = state.result(), False
     wall = time.perf_counter() - t0
+    if waited is not None and not cached:
+        _tell(stage, f"{stage} was not finished by the run waited for (it failed or stopped): computed here")
     if cached:
         run_id = record_cache_hit(ctx, result, inputs, config_for_run, wall, run_name)
         result = result.model_copy(update={"mlflow_run_id": run_id})
-    reporter().stage_finished(kwargs.get("stage") or run_name or "", cached, wall)
+    reporter().stage_finished(stage, cached, wall)
     return result, cached, wall
+
+
+def _tell(stage: str, line: str) -> None:
+    """A line for whoever watches: the CLI's progress display, and Prefect's log of the flow run
+    (what a served or worker run shows)."""
+    note = getattr(reporter(), "note", None)  # a reporter of an older interface has none
+    if note is not None:
+        note(stage, line)
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(line)
+    except Exception:  # noqa: BLE001 - outside a flow run: the reporter line is enough
+        pass
 
 
 @flow(name="post-train")
@@ -84,9 +110,11 @@ def post_train(
     ctx = RunContext(
         state_dir=str(paths["root"]), tracking_uri=tracking_uri or default_tracking_uri(paths["root"]),
         experiment=cfg.tracking.experiment, code_version=git_code_version(), recipe=cfg.name,
-        resumed_from=resumed_from,
+        resumed_from=resumed_from, log_models=cfg.tracking.log_models,
     )
-    tracker = tracker_for(ctx)
+    tracker, replayed = start_tracking(ctx)  # first, what earlier runs queued while the store was down
+    if replayed and replayed.get("journals"):
+        runs.translate_run_ids(paths["root"], tracker.ids.ids)
     flow_run_id = str(flow_run.id or "")
     parent = tracker.start_run(
         f"{cfg.name}{'-smoke' if smoke else ''}", params={"recipe": cfg.name, "smoke": smoke, **resolved(cfg)},
@@ -99,8 +127,10 @@ def post_train(
     parameters = {"recipe": recipe, "overrides": list(overrides or []), "smoke": smoke,
                   "state_dir": str(paths["root"]), "tracking_uri": tracking_uri}
     runs.record_start(paths["root"], flow_run_id, parameters, parent, cfg.name, resumed_from)
+    if resumed_from:
+        _mark_crashed(resumed_from)
     try:
-        summary = _run_stages(cfg, ctx, paths)
+        summary = _run_graph(cfg, ctx, paths, source=parameters)
     except BaseException as e:
         advice = explain(e, paths["root"], flow_run_id)
         runs.record_end(paths["root"], flow_run_id, "FAILED", advice or f"{type(e).__name__}: {e}"[:2000])
@@ -115,97 +145,195 @@ def post_train(
     summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent, recipe=cfg.name, smoke=smoke)
     summary["registered_model"] = _register_final(cfg, ctx, summary, smoke)
     summary["tracking_errors"] = len(tracker.errors)
+    summary["tracking_queued"] = tracker.queued  # calls waiting in the state dir for `posttrain sync`
+    summary["tracking_queue"] = str(tracker.journal.path) if tracker.journal else None
+    summary["tracking_replayed"] = replayed
     tracker.log_json(parent, summary, "summary.json")
     tracker.end_run(parent, "FINISHED")
     return summary
 
 
-def _stage_data(cfg: RecipeConfig, paths: dict[str, Path]) -> dict[str, dict[str, ArtifactRef]]:
-    """Every dataset a stage reads, resolved and validated before any stage trains."""
-    data: dict[str, dict[str, ArtifactRef]] = {}
-    for stage in cfg.stages:
-        if stage == "sft":
-            data[stage] = {"dataset": resolve_sft_dataset(cfg.sft.dataset, cfg.task, paths["datasets"], cfg.sft.split)}
-        elif stage in ("grpo", "ppo", "sample"):
-            prompts = cfg.stage_config(stage).prompts
-            data[stage] = {"prompts": resolve_problems(prompts, cfg.task, paths["datasets"], split="train")}
-        elif stage in ("dpo", "reward_model"):
-            sc = cfg.stage_config(stage)
-            data[stage] = ({"prompts": resolve_problems(sc.prompts, cfg.task, paths["datasets"], split="train")}
-                           if sc.dataset == "onpolicy" else {"dataset": resolve_preferences(sc.dataset)})
+def _task(target: str):
+    mod, _, fn = target.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def preflight(cfg: RecipeConfig, state_dir: str | Path) -> None:
+    """The checks that need no stage's output, run by the CLI before Prefect and MLflow start: every
+    node's own datasets against their contracts, and a local fetch.uri (DeepSpeed JSONs are checked
+    when the recipe loads). Raises what the flow would raise later (ContractError, FileNotFoundError)."""
+    from tasks.fetch import check_uri
+
+    for n in cfg.graph():
+        if n.kind == "fetch":
+            check_uri(n.config.uri)
+    paths = state_paths(configure_state_dir(str(state_dir)))
+    _node_data(cfg, paths)
+    resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"], key="evaluate.dataset")
+
+
+def _node_data(cfg: RecipeConfig, paths: dict[str, Path]) -> dict[str, dict[str, ArtifactRef]]:
+    """Every dataset a node reads from its own settings, resolved and validated before any stage runs."""
+    data = {}
+    for n in cfg.graph():
+        try:
+            data[n.name] = _task(n.spec.data)(n.config, cfg.task, paths["datasets"]) if n.spec.data else {}
+        except MissingData as e:
+            raise e.at(n.name) from None
     return data
 
 
-def _run_stages(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path]) -> dict[str, Any]:
-    task_cfg = resolved(cfg.task)
-    problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"])
-    data = _stage_data(cfg, paths)
-    eval_cfg = resolved(cfg.evaluate)
-    cached_task = functools.partial(_cached, results_dir=paths["results"], retries=cfg.retries)
-    fetch_task, train_task = cached_task(fetch_base), cached_task(train_stage)
-    eval_task, sample_task, filter_task = cached_task(evaluate_checkpoint), cached_task(sample_stage), cached_task(filter_stage)
+def plan_node(node: Node, cfg: RecipeConfig, data: dict[str, ArtifactRef],
+              upstream: dict[str, ArtifactRef]) -> tuple[str, dict, dict[str, ArtifactRef], dict]:
+    """(cache key, resolved settings, inputs, task kwargs) of a node, given its upstream nodes' outputs.
 
-    results: dict[str, StageResult] = {}
-    rows: list[dict] = []
-    model_ref: ArtifactRef | None = None
-    flow_run_id = _flow_run_id()
-    for stage in cfg.stages:
-        runs.update(paths["root"], flow_run_id, current_stage=stage)
-        fault_point("before-stage", stage)  # test-only (POSTTRAIN_FAULT): every earlier stage is persisted
-        stage_cfg = resolved(cfg.stage_config(stage))
-        if stage == "fetch":
-            inputs: dict[str, ArtifactRef] = {}
-            key_cfg = {"fetch": stage_cfg, "task": task_cfg if stage_cfg["uri"] == "builtin:tiny" else None}
-            code = stage_code_version(fetch_mod.__name__, "models.recipes.pretrain")
-            task_fn, kwargs = fetch_task, dict(config=stage_cfg, task_config=task_cfg)
-            key_source = key_cfg
-        elif stage in ("sample", "filter"):
-            inputs = {"model": model_ref, **data[stage]} if stage == "sample" else {"samples": results["sample"].output}
-            code = stage_code_version(samples_mod.__name__)
-            task_fn, kwargs, key_source = (sample_task if stage == "sample" else filter_task), dict(config=stage_cfg), stage_cfg
-        else:  # a training stage: sft, reward_model, dpo, grpo, ppo, refine (= sft on the filter's output)
-            kind = "sft" if stage == "refine" else stage
-            extra = {"dataset": results["filter"].output} if stage == "refine" else dict(data.get(stage, {}))
-            if stage == "ppo" and "reward_model" in results:
-                extra["reward_model"] = results["reward_model"].output
-            inputs = {"model": model_ref, **extra}
-            code = stage_code_version(train_mod.__name__, train_mod.RECIPES[kind].split(":")[0])
-            task_fn, kwargs, key_source = train_task, dict(kind=kind, config=stage_cfg), stage_cfg
-        key = stage_cache_key(stage, key_source, inputs, code)
-        res, cached, wall = _call(task_fn, dict(stage=stage, cache_key=key, inputs=inputs, ctx=ctx, **kwargs),
-                                  ctx, stage_cfg, inputs)
-        results[stage] = res
-        row = {"stage": stage, "cached": cached, "wall_seconds": round(wall, 3), "mlflow_run_id": res.mlflow_run_id,
-               "output": {"path": res.output.path, "digest": res.output.digest}, "metrics": {},
-               "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step, "cache_key": res.cache_key}
-        if STAGE_KINDS[stage] == "checkpoint":
-            model_ref = res.output
-            ev, ev_cached, ev_wall = _evaluate(eval_task, stage, model_ref, problems, eval_cfg, ctx)
+    The key hashes the node's kind (not its name), so the same node in two recipes is one result."""
+    spec, stage_cfg = node.spec, resolved(node.config)
+    ported = {spec.ports[port].input: upstream[src] for port, src in node.inputs.items()}
+    start = {"model": ported.pop("model")} if "model" in ported else {}
+    inputs = {**start, **data, **ported}  # the start checkpoint, own datasets, then data ports
+    key_source, kwargs = stage_cfg, dict(config=stage_cfg)
+    if spec.takes_task_config:  # fetch: the built-in model is pretrained on the built-in task's corpus
+        task_cfg = resolved(cfg.task)
+        key_source = {node.kind: stage_cfg, "task": task_cfg if stage_cfg["uri"] == "builtin:tiny" else None}
+        kwargs["task_config"] = task_cfg
+    if spec.recipe:
+        kwargs["kind"] = node.kind
+    key = stage_cache_key(node.kind, key_source, inputs, stage_code_version(*spec.code))
+    return key, stage_cfg, inputs, kwargs
+
+
+def _import_stage_code(cfg: RecipeConfig) -> None:
+    """Import, in this thread, what the graph's stages import when they start. transformers resolves
+    its names lazily and that is not thread-safe: two branches starting at once in worker threads
+    have failed with `cannot import name 'AutoModelForCausalLM' from 'transformers'`."""
+    import importlib
+
+    import transformers
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+    for module in ("deepspeed", "peft", "models.engine", "models.rollouts"):
+        importlib.import_module(module)
+    for node in cfg.graph():
+        if node.spec.recipe:
+            importlib.import_module(node.spec.recipe.split(":")[0])
+
+
+class NodeRunner:
+    """Runs one node here: its kind's cached task, then its evaluation when it makes a checkpoint.
+
+    The flow's process uses it for every node it runs itself; a node placed on a work pool runs it in
+    a `posttrain-stage` flow run on a worker of that pool (flows/pools.py), with the same arguments,
+    so the cache keys, cache hits, MLflow child runs and lineage tags are the same either way."""
+
+    def __init__(self, cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path], problems: ArtifactRef):
+        self.cfg, self.ctx, self.paths, self.problems = cfg, ctx, paths, problems
+        self.eval_cfg = resolved(cfg.evaluate)
+        cached_task = functools.partial(_cached, results_dir=paths["results"], retries=cfg.retries)
+        self.eval_task = cached_task(evaluate_checkpoint)
+        self.tasks = {kind: cached_task(_task(spec.task)) for kind, spec in KINDS.items()}
+        self.tracker = tracker_for(ctx)
+
+    def run(self, node: Node, data: dict[str, ArtifactRef], upstream: dict[str, ArtifactRef],
+            expect_key: str | None = None) -> tuple[StageResult, dict]:
+        key, stage_cfg, inputs, kwargs = plan_node(node, self.cfg, data, upstream)
+        if expect_key is not None and key != expect_key:
+            raise RuntimeError(
+                f"stage {node.name!r}: this process computes cache key {key}, the flow that dispatched it "
+                f"{expect_key}: the code or recipe here differs from the flow's (checkout {REPO_ROOT})")
+        ctx = self.ctx
+        res, cached, wall = _call(self.tasks[node.kind],
+                                  dict(stage=node.name, cache_key=key, inputs=inputs, ctx=ctx, **kwargs),
+                                  ctx, stage_cfg, inputs, run_name=node.name)
+        self.tracker.set_tags(res.mlflow_run_id, {"posttrain.stage_kind": node.kind})
+        row = {"stage": node.name, "kind": node.kind, "cached": cached, "wall_seconds": round(wall, 3),
+               "mlflow_run_id": res.mlflow_run_id, "output": {"path": res.output.path, "digest": res.output.digest},
+               "metrics": {}, "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step,
+               "cache_key": res.cache_key, "inputs": dict(node.inputs)}
+        if node.spec.output == "checkpoint":
+            ev, ev_cached, ev_wall = _evaluate(self.eval_task, node.name, res.output, self.problems, self.eval_cfg, ctx)
             row.update(cached=cached and ev_cached, wall_seconds=round(wall + ev_wall, 3), metrics=ev.metrics,
                        eval_mlflow_run_id=ev.mlflow_run_id)
-        rows.append(row)
-    summary = {"stages": rows, "final_model": {"path": model_ref.path, "digest": model_ref.digest,
-                                               "mlflow_run_id": model_ref.run_id}}
-    rl_curves = {s: read_metrics(r.extra["metrics_path"]) for s, r in results.items()
-                 if s in ("grpo", "ppo") and r.extra.get("metrics_path")}
+        return res, row
+
+
+def _run_graph(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path],
+               source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DAG: each node of the recipe becomes one cached task call (then an evaluation, when it
+    makes a checkpoint), once the nodes feeding it are done; a node placed on a work pool runs as a
+    flow run on a worker of that pool. `source`: the flow's recipe, overrides and smoke (what a
+    worker loads the recipe from)."""
+    if cfg.work_pools:  # before anything runs: every pool named exists and has the stage deployment
+        from flows import pools
+
+        pools.check_pools(cfg)
+    problems = resolve_problems(cfg.evaluate.dataset, cfg.task, paths["datasets"], key="evaluate.dataset")
+    data = _node_data(cfg, paths)
+    runner = NodeRunner(cfg, ctx, paths, problems)
+    flow_run_id = _flow_run_id()
+
+    def run_node(node: Node, upstream: dict[str, StageResult]) -> tuple[StageResult, dict]:
+        runs.update(paths["root"], flow_run_id, current_stage=node.name)
+        fault_point("before-stage", node.name)  # test-only (POSTTRAIN_FAULT): every earlier stage is persisted
+        refs = {n: r.output for n, r in upstream.items()}
+        pool = cfg.work_pool(node.name)
+        if pool is None:
+            return runner.run(node, data[node.name], refs)
+        from flows import pools
+
+        key = plan_node(node, cfg, data[node.name], refs)[0]
+        return pools.dispatch(pool, node, cfg, ctx, source or {"recipe": cfg.name}, data[node.name], refs, problems,
+                              key, flow_run_id)
+
+    if cfg.max_parallel_stages > 1:
+        _import_stage_code(cfg)
+    done = run_graph(cfg.graph(), lambda node, up: run_node(node, {n: r for n, (r, _) in up.items()}),
+                     cfg.max_parallel_stages)
+    rows = [done[n.name][1] for n in cfg.graph()]
+    final = done[cfg.final_node().name][0].output
+    summary = {"stages": rows, "final_model": {"path": final.path, "digest": final.digest, "mlflow_run_id": final.run_id,
+                                               "stage": cfg.final_node().name}}
+    rl_curves = {n.name: read_metrics(done[n.name][0].extra["metrics_path"]) for n in cfg.graph()
+                 if n.spec.rl_curve and done[n.name][0].extra.get("metrics_path")}
     summary["report_png"] = _report(summary, rl_curves, paths, ctx)
     return summary
 
 
 def _register_final(cfg: RecipeConfig, ctx: RunContext, summary: dict, smoke: bool) -> str | None:
     """Register the recipe's final model (its stage run's `model` artifact) with lineage tags."""
-    final = next((r for r in reversed(summary["stages"]) if STAGE_KINDS[r["stage"]] == "checkpoint"), None)
     producer = summary["final_model"].get("mlflow_run_id")
-    if final is None or not producer:
+    if not producer:
         return None
+    tracker_for(ctx).set_tags(ctx.parent_run_id, {"posttrain.final_run_id": producer})  # lineage of the flow run
+    if cfg.tracking.log_models == "none":
+        return None  # the registry points at a logged copy: nothing was copied
+    if cfg.tracking.log_models == "final" and not tracker_for(ctx).has_artifact(producer, "model"):
+        tracker_for(ctx).log_artifacts(producer, summary["final_model"]["path"], "model")
     name = cfg.tracking.register_model or f"posttrain-{cfg.name}{'-smoke' if smoke else ''}"
     version = tracker_for(ctx).register_model(name, producer, "model", {
-        "posttrain.stage": final["stage"], "posttrain.output_digest": summary["final_model"]["digest"],
+        "posttrain.stage": summary["final_model"]["stage"], "posttrain.output_digest": summary["final_model"]["digest"],
         "posttrain.output_path": summary["final_model"]["path"], "posttrain.flow_run_id": summary["flow_run_id"],
         "posttrain.mlflow_parent_run_id": summary["mlflow_parent_run_id"], "posttrain.code_version": ctx.code_version,
         "posttrain.recipe": cfg.name,
     })
     return f"models:/{name}/{version}" if version else None
+
+
+def _mark_crashed(flow_run_id: str) -> None:
+    """A run killed outright (SIGKILL, Ctrl-C's fast exit) never told Prefect it ended: its flow run
+    would stay RUNNING on the server for good. Its resume records it as CRASHED (best effort)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message="its process died; `posttrain resume` "
+                                                               "continues it as a new flow run"), force=True)
+    except Exception:  # noqa: BLE001 - another Prefect API (the old run's temporary one), or none: nothing to fix
+        pass
 
 
 def _flow_run_id() -> str:

@@ -36,6 +36,9 @@ class RichReporter:
         self.progress.update(self.tasks[stage], completed=int(metrics.get("step", 0)),
                              info=f"loss {loss:.4f}" if loss is not None else "")
 
+    def note(self, stage, line):
+        self.progress.console.print(f"[posttrain] {stage}: {line}", markup=False, highlight=False)
+
     def stage_finished(self, stage, cached, seconds):
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task("", total=1, stage=stage, info="")
@@ -65,3 +68,23 @@ def print_table(summary: dict, console: Console | None = None) -> None:
     console.print(f"MLflow parent run: {summary.get('mlflow_parent_run_id')}")
     if summary.get("report_png"):
         console.print(f"Report plot: {summary['report_png']}")
+    for line in tracking_lines(summary):  # plain print: a path wrapped by the console is no use
+        print(line, flush=True)
+
+
+def tracking_lines(summary: dict) -> list[str]:
+    """What happened to the run's tracking, said once and plainly: replayed, or queued for later."""
+    lines = []
+    replayed = summary.get("tracking_replayed") or {}
+    if replayed.get("journals"):
+        lines.append(f"Tracking: replayed {replayed['calls']} calls queued by {replayed['journals']} earlier "
+                     f"run(s) into {', '.join(replayed['uris'])}.")
+    if replayed.get("error"):
+        lines.append(f"Tracking: the queued calls of earlier runs could not be replayed ({replayed['error']}); "
+                     "they stay queued for `posttrain sync`.")
+    if summary.get("tracking_queued"):
+        lines.append(f"Tracking: the MLflow store did not answer, so nothing of this run is in it yet: "
+                     f"{summary['tracking_queued']} calls are queued in {summary['tracking_queue']}. The run, "
+                     "its outputs and its cache are complete; `posttrain sync` sends the queue to the store "
+                     "when it answers (the next run does too).")
+    return lines

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-FINISHED = ("COMPLETED", "FAILED", "CRASHED")
+FINISHED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def runs_dir(state_dir: str | os.PathLike) -> Path:
@@ -23,10 +24,19 @@ def runs_dir(state_dir: str | os.PathLike) -> Path:
     return d
 
 
+# Branches of a graph run in threads of one process (max_parallel_stages) and each updates the record:
+# one lock makes every read-modify-write whole, and a temp name per thread keeps writes apart.
+_LOCK = threading.RLock()
+
+
 def _write(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk mid-write: no half file is left beside the records
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def record_start(state_dir, flow_run_id: str, parameters: dict[str, Any], mlflow_parent_run_id: str | None,
@@ -41,11 +51,27 @@ def record_start(state_dir, flow_run_id: str, parameters: dict[str, Any], mlflow
 
 def update(state_dir, flow_run_id: str, **fields) -> None:
     path = runs_dir(state_dir) / f"{flow_run_id}.json"
-    if not path.exists():
-        return
-    record = json.loads(path.read_text())
-    record.update(fields)
-    _write(path, record)
+    with _LOCK:
+        if not path.exists():
+            return
+        record = json.loads(path.read_text())
+        record.update(fields)
+        _write(path, record)
+
+
+def translate_run_ids(state_dir, ids: dict[str, str]) -> int:
+    """Replace the placeholder MLflow ids (`queued-…`, a run tracked while its store was down) that a
+    replay gave real ids, in every run record; returns how many records changed."""
+    changed = 0
+    for path in sorted(runs_dir(state_dir).glob("*.json")):
+        with _LOCK:
+            rec = json.loads(path.read_text())
+            parent = rec.get("mlflow_parent_run_id")
+            if parent in ids:
+                rec["mlflow_parent_run_id"] = ids[parent]
+                _write(path, rec)
+                changed += 1
+    return changed
 
 
 def record_end(state_dir, flow_run_id: str, status: str, error: str | None = None) -> None:

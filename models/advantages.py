@@ -35,15 +35,20 @@ def group_relative_advantages(
     (never nan, even for group_size 1 or a zero batch std) and it is flagged in `zero_std_mask`,
     so a caller can drop those rows (DAPO's dynamic sampling, Yu et al. 2025, sec. 3.2).
 
+    An unjudged reward is passed as NaN (a verifier's None): it is left out of its group's mean
+    and std (and of the batch std) and gets advantage 0, as TRL's GRPOTrainer does with a
+    completion no reward function could score (`nanmean`/`nanstd`, then `nan_to_num(0)`). A group
+    with fewer than two judged rewards counts as flat.
+
     Args:
         rewards: (B,) float, group-contiguous: rows [k*G, (k+1)*G) are the G completions of
-            prompt k, so B = n_prompts * group_size.
+            prompt k, so B = n_prompts * group_size. NaN = unjudged.
         group_size: G, completions per prompt.
         std_normalization: "group", "batch" or "none".
         eps: added to the std before dividing.
 
     Returns:
-        advantages: (B,) float.
+        advantages: (B,) float, never NaN.
         zero_std_mask: (B,) bool, True for every row of a group whose rewards are all equal.
     """
     if rewards.dim() != 1:
@@ -57,23 +62,53 @@ def group_relative_advantages(
 
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
     grouped = rewards.view(-1, group_size)  # (n_prompts, G)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    judged = ~torch.isnan(grouped)
+    n_judged = judged.sum(dim=1, keepdim=True)  # (n_prompts, 1)
+    values = grouped.masked_fill(~judged, 0.0)
+    mean = values.sum(dim=1, keepdim=True) / n_judged.clamp(min=1)
+    centred = (values - mean).masked_fill(~judged, 0.0)
     # Compared exactly (max == min), not via std < tol: a tiny real difference is still signal.
-    flat = grouped.amax(dim=1) == grouped.amin(dim=1)  # (n_prompts,)
+    # A group with fewer than two judged rewards has nothing to be relative to: flat too.
+    hi = grouped.masked_fill(~judged, float("-inf")).amax(dim=1)
+    lo = grouped.masked_fill(~judged, float("inf")).amin(dim=1)
+    flat = (hi == lo) | (n_judged.squeeze(1) < 2)  # (n_prompts,)
 
     if std_normalization == "group":
-        # correction=1 is undefined for one sample; such a group is flat and zeroed below anyway.
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
-        advantages = centred / (std + eps)
+        # unbiased; a group with < 2 judged rewards is flat and zeroed below anyway.
+        var = centred.pow(2).sum(dim=1, keepdim=True) / (n_judged - 1).clamp(min=1)
+        advantages = centred / (var.sqrt() + eps)
     elif std_normalization == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+        kept = rewards[~torch.isnan(rewards)]
+        std = kept.std() if kept.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
         advantages = centred / (std + eps)
     else:
         advantages = centred
 
-    advantages = advantages.masked_fill(flat.unsqueeze(1), 0.0)
+    advantages = advantages.masked_fill(flat.unsqueeze(1) | ~judged, 0.0)
     zero_std_mask = flat.unsqueeze(1).expand_as(grouped)
     return advantages.reshape(-1), zero_std_mask.reshape(-1)
+
+
+def soft_overlong_penalty(length: int, max_length: int, buffer_len: int, penalty_factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, sec. 3.4, eq. 13), added to the reward:
+    0 up to max_length - buffer_len tokens, then falling linearly to -penalty_factor at max_length
+    (and below past it). verl's `overlong_buffer.len` / `penalty_factor`; TRL's
+    `get_soft_overlong_punishment(max_completion_len, soft_punish_cache)` is penalty_factor 1.
+
+    Args:
+        length: completion tokens.
+        max_length: the completion budget L_max.
+        buffer_len: L_cache, the tokens before L_max over which the penalty grows; 0 disables it.
+        penalty_factor: the penalty at L_max.
+    """
+    if buffer_len <= 0:
+        return 0.0
+    expected = max_length - buffer_len
+    if length <= expected:
+        return 0.0
+    if length > max_length:
+        return -penalty_factor  # DAPO eq. 13: -1 past L_max
+    return (expected - length) / buffer_len * penalty_factor
 
 
 def gae(

@@ -70,8 +70,13 @@ def worked_text(question: str) -> str:
 
 
 # "qa" is the SFT/R1 prompt; "plain" is how expressions appear in the pretraining corpus, which is
-# what a base model that never saw the SFT format can answer (the R1-Zero recipe starts there).
-PROMPT_STYLES = {"qa": PROMPT_TEMPLATE, "plain": "{question}="}
+# what a base model that never saw the SFT format can answer (the R1-Zero recipe starts there);
+# "chat" is a user's request to an instruct model, which its chat template wraps as a user turn.
+CHAT_PROMPT = (
+    "Compute {question}. Work it out one operation at a time inside <think></think>, one step per line, "
+    "then give the result inside <answer></answer>."
+)
+PROMPT_STYLES = {"qa": PROMPT_TEMPLATE, "plain": "{question}=", "chat": CHAT_PROMPT}
 
 
 def make_problem(pid: str, question: str, prompt_style: str = "qa") -> Problem:

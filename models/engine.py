@@ -34,9 +34,8 @@ from typing import Any, Callable
 import torch
 
 from models.faults import fault_point
-from models.train_config import TrainConfig
+from models.train_config import TrainConfig, deepspeed_json
 
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
 
 
 @dataclass
@@ -58,6 +57,15 @@ class LoopResult:
     metrics_path: str
     last_metrics: dict[str, float] = field(default_factory=dict)
     already_done: bool = False
+
+
+def loop_result(res, **extra) -> dict:
+    """The recipe's return dict: the keys train_sft returns, plus stage-specific ones."""
+    return {
+        "output_dir": res.output_dir, "final_step": res.final_step,
+        "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
+        "metrics_path": res.metrics_path, "last_metrics": res.last_metrics, **extra,
+    }
 
 
 class ResumeError(RuntimeError):
@@ -108,6 +116,11 @@ def ensure_distributed_env(ops_cache: str | os.PathLike | None = None) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if os.environ.get("WORLD_SIZE") == "1" and not torch.distributed.is_initialized():
+        # One process needs no TCP store: a port picked here may be taken by another process before
+        # DeepSpeed binds it (EADDRINUSE seen with runs started together). DeepSpeed adopts this group.
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 STALE_LOCK_SECONDS = 300  # compiling one op takes < 1 min here
@@ -133,7 +146,8 @@ def clear_stale_op_locks(ops_dir: str | None, max_age: float = STALE_LOCK_SECOND
     return removed
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of this process (0, 1 outside a launcher)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -144,12 +158,7 @@ def _barrier(world: int) -> None:
 
 def deepspeed_config(train: TrainConfig) -> dict:
     """The DeepSpeed JSON named by the stage, merged with the stage's batch/precision settings."""
-    p = Path(train.deepspeed)
-    if not p.is_absolute() and not p.exists():
-        p = DEEPSPEED_DIR / train.deepspeed
-    if not p.exists():
-        raise FileNotFoundError(f"deepspeed config {train.deepspeed}: not found (looked in {DEEPSPEED_DIR})")
-    cfg = json.loads(p.read_text())
+    cfg = json.loads(deepspeed_json(train.deepspeed).read_text())
     cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     cfg["gradient_accumulation_steps"] = train.grad_accum
     cfg["train_batch_size"] = train.batch_size
@@ -169,8 +178,7 @@ def trim_engine(engine, world: int) -> None:
     """DeepSpeed defaults that cost time or memory here and change no number:
 
     * ZeRO-0 on one process: after every backward the engine flattens every gradient, all-reduces it
-      over a group of one, and copies it back (measured: 3.5% of an SFT step of the built-in model
-      on 2 cores). There is nothing to reduce: that pass is turned off. Its fp32 gradient clipping
+      over a group of one, and copies it back. There is nothing to reduce: that pass is turned off. Its fp32 gradient clipping
       takes one norm per parameter, an all-reduce over the group of one and a multiply of every
       gradient even when the factor is 1: `_clip_one_rank` computes the same norm (bitwise) in one
       foreach call and multiplies only when the clip bites.
@@ -300,23 +308,32 @@ def run_loop(
     if (out_dir / ".complete").exists():
         return LoopResult(str(out_dir), cfg.max_steps, None, str(metrics_path), already_done=True)
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world != cfg.world_size:
         raise RuntimeError(f"launched with WORLD_SIZE={world} but the stage asks for {cfg.world_size}")
-    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    # ranks on this machine share its cores (all of them on one node; nproc_per_node on each of several)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // local))
     ckpt_dir = workdir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    trainable = trainable_param_groups(model, params)
+    frozen = any(not p.requires_grad for p in model.parameters())  # LoRA: the base weights
+    ds_config = deepspeed_config(cfg)
+    if getattr(cfg, "lora", None) is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(f"{cfg.deepspeed}: lora is not supported with ZeRO-3; use ZeRO-0/1/2 (adapters are small)")
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
         fused=cfg.optim == "adamw_torch_fused",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     trim_engine(engine, world)
+    if frozen:
+        engine.module_state_dict = functools.partial(_trainable_state_dict, engine)
+    reseed = _has_dropout(model)
     if cfg.torch_compile:  # module.compile in place: parameter names and checkpoints are unchanged
         engine.compile(compile_kwargs={"dynamic": True})
 
@@ -324,7 +341,8 @@ def run_loop(
     if rank == 0:  # drop the uncommitted tags of a save that was killed midway
         _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     if latest_checkpoint_step(ckpt_dir) is not None:
-        path, client = engine.load_checkpoint(str(ckpt_dir))
+        # a checkpoint of a model with frozen weights holds only the trainable ones
+        path, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=not frozen)
         if path is None:
             raise ResumeError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
         start_step = int(client["step"])
@@ -349,6 +367,8 @@ def run_loop(
         if len(batch) != cfg.batch_size:
             raise ValueError(f"global_batch({step}) gave {len(batch)} items, expected {cfg.batch_size}")
         sums: dict[str, float] = {}
+        if reseed:  # dropout masks a pure function of (seed, step): a resumed run draws the same ones
+            torch.manual_seed(_step_seed(cfg.seed, step))
         for m in range(ga):
             chunk_idx = m * world + rank
             chunk = batch[chunk_idx * mbs : (chunk_idx + 1) * mbs]
@@ -363,7 +383,8 @@ def run_loop(
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             keys = sorted(sums)
-            vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+            # on the engine's device: NCCL (the CUDA backend) all-reduces device tensors only
+            vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=engine.device)
             if world > 1:
                 torch.distributed.all_reduce(vals)
             now = time.perf_counter()
@@ -375,20 +396,58 @@ def run_loop(
                     fh.write(json.dumps(last) + "\n")
                 if on_log is not None:
                     on_log(dict(last, max_steps=cfg.max_steps))
+        fault_point("step-done", workdir.name, done, rank)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             engine.save_checkpoint(  # returns once every rank's files are written (it ends on a barrier)
-                str(ckpt_dir), tag=_tag(done), save_latest=False,
+                str(ckpt_dir), tag=_tag(done), save_latest=False, exclude_frozen_parameters=frozen,
                 client_state={"step": done, "samples_seen": done * cfg.batch_size, "batch_size": cfg.batch_size},
             )
             fault_point("checkpoint-uncommitted", workdir.name, done)
             if rank == 0:
                 _commit_checkpoint(ckpt_dir, _tag(done))
             _barrier(world)
-            if rank == 0:
-                _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            if rank == 0:  # a finished stage keeps its final checkpoint only (its output is the model)
+                _prune_checkpoints(ckpt_dir, 1 if done == cfg.max_steps else cfg.keep_checkpoints)
 
     _consolidate(engine, save_model, out_dir, rank, world)
     return LoopResult(str(out_dir), cfg.max_steps, resumed_from, str(metrics_path), last)
+
+
+def trainable_param_groups(model: torch.nn.Module, params: list | None) -> list:
+    """What AdamW optimizes: `params` (tensors or param-group dicts) or every parameter of `model`,
+    keeping only those that require grad (frozen ones would take optimizer state and, under ZeRO-1/2,
+    a share of the flat fp32 partitions)."""
+    if params is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for g in params:
+        if isinstance(g, dict):
+            out.append({**g, "params": [p for p in g["params"] if p.requires_grad]})
+        elif g.requires_grad:
+            out.append(g)
+    return out
+
+
+def _trainable_state_dict(engine, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+    """DeepSpeedEngine.module_state_dict for a model with frozen weights: the module's state dict
+    without any frozen parameter. DeepSpeed's own `exclude_frozen_parameters` looks the frozen ones up
+    in `named_parameters()`, which lists a tied weight once, so a frozen tied LM head (`lm_head.weight`,
+    the embedding matrix) would stay in every checkpoint; here every name of a frozen tensor goes."""
+    sd = engine.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+    for n, p in engine.module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            sd.pop(prefix + n, None)
+    return sd
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _step_seed(seed: int, step: int) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, 0xD50]).generate_state(1)[0])
 
 
 def truncate_jsonl_after(path: Path, start_step: int) -> None:

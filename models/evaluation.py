@@ -8,26 +8,14 @@ resolves inputs and records the outputs. It returns the metrics and one row per 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from models.chat import ChatTemplate, encode_prompt, prompt_text
 from models.metrics import majority_at_k, pass_at_k
 from models.rollouts import SamplingParams, sample
 
 # A completion counts as correct when its reward reaches 1.0; the epsilon forgives float round-off of
 # rewards that are sums/products of partial scores. None (could not be judged) is never correct.
 CORRECT_THRESHOLD = 1.0 - 1e-6
-
-
-@dataclass
-class EvalConfigLike:
-    """The settings `evaluate` reads; the lead's pydantic config has the same attributes."""
-
-    num_problems: int = 100
-    k: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    seed: int = 0
 
 
 def is_correct(reward: float | None) -> bool:
@@ -48,8 +36,10 @@ def evaluate(
     batch_size: int,
     seed: int,
     stop_strings: tuple[str, ...] = ("</answer>",),
+    chat_template: ChatTemplate | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Score the first `num_problems` problems (each a dict with keys id, prompt, answer).
+    """Score the first `num_problems` problems (each a dict with keys id, prompt, answer; a prompt is a
+    string or a conversation, rendered by `models.chat.encode_prompt` under `chat_template`).
 
     Metrics:
       - `pass@1`: fraction of problems whose greedy completion is correct (reward >= 1.0 - 1e-6);
@@ -66,10 +56,10 @@ def evaluate(
     chosen = problems[:num_problems]
     if not chosen:
         raise ValueError("no problems to evaluate")
-    prompts = [p["prompt"] for p in chosen]
+    prompts = [encode_prompt(tokenizer, p["prompt"], chat_template) for p in chosen]
 
     def judge(problem: dict, completion: str) -> float | None:
-        reward = verifier(problem["prompt"], completion, problem["answer"])
+        reward = verifier(prompt_text(problem["prompt"]), completion, problem["answer"])
         return None if reward is None else float(reward)
 
     def row(problem: dict, rollout, greedy: bool) -> dict:

@@ -6,6 +6,7 @@ by ':' and matched with fnmatch against the variable, e.g.
 
     before-stage:filter                      the flow, once `filter` is the current stage, before it runs
     checkpoint-uncommitted:sft-*:20          the engine, step 20's checkpoint files on disk, `latest` not yet moved
+    step-done:sft-*:3:1                      the engine's rank 1, step 3 done, before its checkpoint (if any)
 
 The kill goes to the whole process group (a DeepSpeed rank, the flow process and Prefect's
 ephemeral server alike), as when a scheduler or `kill -9 -PGID` kills a job: start a run that uses

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from models.losses import last_valid_index
+
 SCORE_HEAD_FILE = "score_head.safetensors"
 
 
@@ -21,13 +23,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 0/1 -> (B, T) long positions that start at 0 on the first real token, so a
     left-padded row gets the same positions as its right-padded twin (pads get 0)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 -> (B,) long: the last position whose mask is 1, under left or right padding
-    (arange * mask peaks there). An all-zero row gives 0."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=-1)
 
 
 class ScalarHead(nn.Module):
@@ -98,14 +93,17 @@ class RewardModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
         ).last_hidden_state  # (B, T, H)
-        last = last_token_index(attention_mask)  # (B,)
+        last = last_valid_index(attention_mask)  # (B,)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.score_head(picked)
 
     def save(self, directory: str | Path) -> None:
-        """Write an HF causal-LM directory plus `score_head.safetensors` into `directory`."""
+        """Write an HF causal-LM directory plus `score_head.safetensors` into `directory`; a backbone
+        with LoRA adapters is written merged (models/lora.py), with the plain model's parameter names."""
+        from models.lora import merged_state_dict
+
         directory = Path(directory)
-        self.pretrained_model.save_pretrained(directory)
+        self.pretrained_model.save_pretrained(directory, state_dict=merged_state_dict(self.pretrained_model))
         state = {k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()}
         save_file(state, str(directory / SCORE_HEAD_FILE))
 

@@ -39,7 +39,9 @@ from models.logprobs import masked_mean, masked_sum
 #                           Shao et al. 2024, eq. 3). Long answers' tokens weigh less.
 #   token_mean              mean over all valid tokens of the batch (DAPO, Yu et al. 2025, sec. 3.3).
 #   seq_mean_token_sum_norm sum over a sequence's tokens / a constant length (e.g. the max
-#                           completion length), then mean over sequences (Dr. GRPO, Liu et al. 2025).
+#                           completion length), then / the number of rows, empty or not: the constant
+#                           G * L of Dr. GRPO (Liu et al. 2025, eq. 2; TRL `dr_grpo` divides by
+#                           batch rows * max_completion_length).
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
 AGGREGATION_ALIASES = {"seq_mean": "seq_mean_token_mean", "constant_length": "seq_mean_token_sum_norm"}
 _AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
@@ -55,7 +57,9 @@ def _canonical_aggregation(mode: str) -> str:
 
 def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
     """The denominator `aggregate_token_loss` uses for this mask: the number of valid tokens
-    ("token_mean") or of sequences with at least one valid token (the "seq_mean..." modes).
+    ("token_mean"), of sequences with at least one valid token ("seq_mean_token_mean"), or of all
+    rows, masked-out ones included ("seq_mean_token_sum_norm": Dr. GRPO's divisor is a constant,
+    so rows dropped from the mask still count).
 
     Args:
         mask: (B, T) bool.
@@ -65,8 +69,11 @@ def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
         0-dim float tensor. Additive: the count of a big batch is the sum over its micro-batches.
     """
     mask = mask.bool()
-    if _canonical_aggregation(mode) == "token_mean":
+    mode = _canonical_aggregation(mode)
+    if mode == "token_mean":
         return mask.sum().float()
+    if mode == "seq_mean_token_sum_norm":
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
     return mask.any(dim=-1).sum().float()
 
 
@@ -90,8 +97,8 @@ def aggregate_token_loss(
             the whole accumulation window to make micro-losses sum to the big-batch loss.
 
     Returns:
-        0-dim tensor. A row with no valid token contributes 0 and is not counted in a sequence
-        mean; an all-masked batch gives 0 (with a gradient of zeros), not nan.
+        0-dim tensor. A row with no valid token contributes 0 and is not counted in the
+        "seq_mean_token_mean" mean (it is in "seq_mean_token_sum_norm"'s); an all-masked batch gives 0 (with a gradient of zeros), not nan.
     """
     mode = _canonical_aggregation(mode)
     mask = mask.bool()
@@ -115,15 +122,16 @@ def aggregate_token_loss(
 
 def _clipped_surrogate(log_ratio, advantages, clip_low, clip_high):
     """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) per token (PPO, Schulman et
-    al. 2017, eq. 7), plus the mask of tokens where the clip bites, i.e. where the min picks the
-    clipped branch strictly and the gradient is 0: A > 0 with ratio > 1 + clip_high, or A < 0
-    with ratio < 1 - clip_low."""
+    al. 2017, eq. 7), plus the masks of tokens where the clip bites, i.e. where the min picks the
+    clipped branch strictly and the gradient is 0, on each side: (low) A < 0 with ratio <
+    1 - clip_low, (high) A > 0 with ratio > 1 + clip_high. Returns (per_token, low, high, ratio)."""
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    bites = ((advantages > 0) & (ratio > 1.0 + clip_high)) | ((advantages < 0) & (ratio < 1.0 - clip_low))
-    return per_token, bites, ratio
+    low = (advantages < 0) & (ratio < 1.0 - clip_low)
+    high = (advantages > 0) & (ratio > 1.0 + clip_high)
+    return per_token, low, high, ratio
 
 
 def grpo_loss(
@@ -139,6 +147,9 @@ def grpo_loss(
     aggregation: str = "seq_mean_token_mean",
     constant_length: int | None = None,
     normalizer: torch.Tensor | float | None = None,
+    importance_sampling_level: Literal["token", "sequence"] = "token",
+    policy_loss: Literal["clip", "cispo"] = "clip",
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (DeepSeekMath, Shao et al. 2024, eq. 3), negated to be minimised.
 
@@ -148,31 +159,64 @@ def grpo_loss(
     The asymmetric clip (clip_high > clip_low, e.g. 0.28 vs 0.2) is DAPO's "clip-higher" (Yu et al.
     2025, sec. 3.1). beta = 0 drops the KL term (DAPO, Dr. GRPO); the paper's GRPO used 0.04.
 
+    Variants (each TRL GRPOConfig's option of the same name, `_compute_loss`):
+
+    * importance_sampling_level="sequence": one ratio per sequence, s = exp(mean_t of the log-ratio
+      over its valid tokens), clipped per sequence and shared by its tokens (GSPO, Zheng et al. 2025,
+      eq. 5-7). The paper averages over sequences ("seq_mean_token_mean").
+    * policy_loss="cispo": loss_t = -sg(min(ratio_t, clip_high)) * A * logprobs_t (MiniMax-M1, 2025,
+      eq. 4): the IS weight is clipped and detached instead of the update, so every token keeps a
+      gradient. `clip_high` is then the cap of the weight itself (TRL, after ScaleRL: 5.0), not 1 + it.
+    * use_bias_correction_kl: the k3 term times the (differentiable) ratio, the importance-sampling
+      correction of a KL estimated on samples of the old policy (DeepSeek-V3.2, 2025, sec. 3.1).
+
     Args:
         logprobs: (B, T) float, current policy, requires grad.
         old_logprobs: (B, T) float, the policy that sampled the rollouts (detached).
         advantages: (B,) float, one per sequence (`group_relative_advantages`); (B, T) also accepted.
         mask: (B, T) bool, completion tokens.
-        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (CISPO: see above).
         ref_logprobs: (B, T) float, reference policy; needed when beta > 0.
         beta: weight of the per-token k3 KL penalty.
         aggregation, constant_length, normalizer: see `aggregate_token_loss`.
+        importance_sampling_level: "token" or "sequence" (GSPO).
+        policy_loss: "clip" (PPO/GRPO surrogate) or "cispo".
+        use_bias_correction_kl: multiply k3 by the ratio.
 
     Returns:
         loss: 0-dim tensor.
         metrics: detached 0-dim tensors, means over this micro-batch's valid tokens:
-            clip_fraction (tokens where the clip bites, see `_clipped_surrogate`),
-            kl (masked mean of k3; 0 without ref_logprobs), ratio_mean, pg_loss (the policy-gradient
-            term alone, aggregated like the loss but with this micro-batch's own normaliser).
+            clip_fraction (tokens where the clip bites, see `_clipped_surrogate`, and its two sides
+            clip_low_fraction (A < 0, ratio below 1 - clip_low) and clip_high_fraction (A > 0, ratio
+            above 1 + clip_high), TRL's clip_ratio/low_mean and /high_mean; CISPO: where the
+            weight is capped with A > 0, TRL's `cispo_clip_ratio`), kl (masked mean of k3; 0 without
+            ref_logprobs), ratio_mean, pg_loss (the policy-gradient term alone, aggregated like the
+            loss but with this micro-batch's own normaliser).
     """
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; expected 'token' or 'sequence'")
+    if policy_loss not in ("clip", "cispo"):
+        raise ValueError(f"unknown policy_loss {policy_loss!r}; expected 'clip' or 'cispo'")
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # (B, 1) broadcasts over T
     # Padding can hold any log-prob; zero its log-ratio so exp() cannot overflow into nan grads.
     log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask, 0.0)
-    pg, bites, ratio = _clipped_surrogate(log_ratio, advantages, clip_low, clip_high)
+    if importance_sampling_level == "sequence":
+        # GSPO eq. 7: the length-normalised sequence log-ratio, (B, 1)
+        log_ratio = log_ratio.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    if policy_loss == "clip":
+        pg, low, high, ratio = _clipped_surrogate(log_ratio, advantages, clip_low, clip_high)
+    else:
+        ratio = torch.exp(log_ratio)
+        weight = torch.clamp(ratio, max=clip_high).detach()
+        pg = -weight * advantages * logprobs.masked_fill(~mask, 0.0)
+        high = (ratio > clip_high) & (advantages > 0)
+        low = torch.zeros_like(high)
+    pg, low, high, ratio = (x.expand(mask.shape) for x in torch.broadcast_tensors(pg, low, high, ratio))
+    bites = low | high
 
     per_token = pg
     kl_mean = torch.zeros((), device=logprobs.device)
@@ -181,11 +225,13 @@ def grpo_loss(
         kl = kl_estimate(logprobs.masked_fill(~mask, 0.0), ref_logprobs.detach().masked_fill(~mask, 0.0), "k3")
         kl_mean = masked_mean(kl.detach(), mask)
         if beta > 0:
-            per_token = pg + beta * kl
+            per_token = pg + beta * (kl * ratio if use_bias_correction_kl else kl)
 
     loss = aggregate_token_loss(per_token, mask, aggregation, constant_length, normalizer)
     metrics = {
         "clip_fraction": masked_mean(bites.float(), mask),
+        "clip_low_fraction": masked_mean(low.float(), mask),
+        "clip_high_fraction": masked_mean(high.float(), mask),
         "kl": kl_mean,
         "ratio_mean": masked_mean(ratio.detach(), mask),
         "pg_loss": aggregate_token_loss(pg.detach(), mask, aggregation, constant_length),
@@ -215,15 +261,19 @@ def ppo_policy_loss(
 
     Returns:
         loss: 0-dim tensor.
-        metrics: detached micro-batch means: clip_fraction, ratio_mean, pg_loss (= loss detached
+        metrics: detached micro-batch means: clip_fraction (and its sides clip_low_fraction,
+            clip_high_fraction), ratio_mean, pg_loss (= loss detached
             with the local normaliser), approx_kl (k3 of old vs new, a trust-region monitor).
     """
     mask = mask.bool()
     log_ratio = (logprobs - old_logprobs.detach()).masked_fill(~mask, 0.0)
-    pg, bites, ratio = _clipped_surrogate(log_ratio, advantages.detach(), clip_range, clip_range)
+    pg, low, high, ratio = _clipped_surrogate(log_ratio, advantages.detach(), clip_range, clip_range)
+    bites = low | high
     loss = aggregate_token_loss(pg, mask, aggregation, constant_length, normalizer)
     metrics = {
         "clip_fraction": masked_mean(bites.float(), mask),
+        "clip_low_fraction": masked_mean(low.float(), mask),
+        "clip_high_fraction": masked_mean(high.float(), mask),
         "ratio_mean": masked_mean(ratio.detach(), mask),
         "pg_loss": aggregate_token_loss(pg.detach(), mask, aggregation, constant_length),
         "approx_kl": masked_mean(kl_estimate(logprobs.detach(), old_logprobs.detach(), "k3"), mask),
@@ -271,8 +321,9 @@ def ppo_value_loss(
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool -> (B,) long: the last position where mask is True (0 for an empty row).
-    Works for left and right padding alike."""
+    """(B, T) bool or 0/1 -> (B,) long: the last position where mask is set (0 for an empty row),
+    under left or right padding alike (arange * mask peaks there): a sequence's last real token,
+    where a reward model or a critic reads its score."""
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (mask.bool().long() * positions).argmax(dim=-1)
 

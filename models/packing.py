@@ -8,7 +8,7 @@ rejected). In a causal LM the hidden states of a token depend only on the tokens
 rows that agree on their first k tokens have identical hidden states there: those k positions
 need computing once.
 
-`packed_logits` lays the batch out as a few rows of real tokens, in one of two ways, whichever a
+`packed_logits` lays the batch out as a few rows of real tokens, in one of three ways, whichever a
 FLOP estimate (linear layers ∝ rows × width, attention ∝ rows × width²) finds cheaper:
 
 * **packed**: sequences placed whole, first-fit decreasing, each token at the position it has in
@@ -24,9 +24,7 @@ FLOP estimate (linear layers ∝ rows × width, attention ∝ rows × width²) f
   on it, then puts each node's output back (`models/segment_attention.py`, a transformers attention function
   switched in for that forward only). The masked rows above attend over whole row widths with an
   explicit mask; here attention costs about half of B · L² (L the longest sequence) on an unmasked
-  causal kernel (`benchmarks/profile_sft.py --compile --profile`, the bench's SFT batches: the
-  masked SDPA kernels took 10.2 ms a step; now the attention matmuls take 5.2 ms and the path
-  gathers ~2.5 ms).
+  causal kernel (`benchmarks/profile_sft.py --compile --profile` measures it).
   (sdpa / eager models without sliding windows, soft-capping or attention sinks.)
 
 The logits are then gathered back into the padded (B, T, V) layout (a shared position feeds every
@@ -40,7 +38,7 @@ used for that model again, with a warning. The recipes verify the plain model be
 engine wraps it (a lazy first check inside a multi-process step would add forwards, hence ZeRO-3
 collectives, on some ranks only).
 
-`POSTTRAIN_PACKING=0` in the environment turns it off (every forward padded, as before).
+`POSTTRAIN_PACKING=0` in the environment turns it off (every forward padded).
 
 What this does not do: pack across micro-batches (the batch composition, hence the loss, is the
 caller's), or pack left-padded batches (they fall back to the plain forward).
@@ -342,6 +340,12 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _recomputes_activations(module) -> bool:
+    """Whether the forward of `module` runs under gradient checkpointing (transformers' layers carry
+    a `gradient_checkpointing` flag and checkpoint only in training mode)."""
+    return module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
 def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0,
                   **kw) -> torch.Tensor:
     """`model(input_ids=..., attention_mask=...).logits` of a right-padded batch, (B, T, V), computed
@@ -359,6 +363,10 @@ def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     if verdict is None:
         verdict = {} if _distributed() else verify(key)
     modes = tuple(m for m in ("packed", "tree", "segments") if verdict.get(m))
+    if "segments" in modes and torch.is_grad_enabled() and _recomputes_activations(key):
+        # gradient checkpointing re-runs each layer in the backward, after the segments attention
+        # function has been switched back out: those layers would recompute other tensors
+        modes = tuple(m for m in modes if m != "segments")
     lengths = right_padded_lengths(attention_mask) if modes else None
     if not modes or lengths is None or min(lengths) == 0:
         STATS["computed_slots"] += input_ids.numel()

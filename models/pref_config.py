@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from models.builtin_task import STOP_STRINGS
+from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
 from models.train_config import TrainConfig
 
 
@@ -50,6 +51,7 @@ class PreferenceDataConfig(TrainConfig):
         default_factory=lambda: list(STOP_STRINGS),
         description="on-policy generation stops after any of these (built-in task: '</answer>'), and on EOS",
     )
+    chat_template: ChatTemplate | None = Field(None, description=CHAT_TEMPLATE_HELP)
     reward: str = Field(
         "builtin_task",
         description="verifier from models.rewards that judges on-policy samples: >= 1 is correct, < 1 "
@@ -83,14 +85,17 @@ class DPOConfig(PreferenceDataConfig):
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5,
-        description="assumed probability of a flipped label (conservative DPO, Mitchell 2023; TRL default 0.0; "
-        "sigmoid only)",
+        description="assumed probability of a flipped label: conservative DPO (cDPO, Mitchell 2023), "
+        "-(1 - ls) log σ(βh) - ls log σ(-βh), the formula of TRL's 'sigmoid' loss with `label_smoothing` "
+        "(not TRL's 'robust' loss, which also divides by 1 - 2 ls); default 0.0; sigmoid only",
     )
     rpo_alpha: float | None = Field(
         None, ge=0,
         description="weight of the chosen completion's length-normalised NLL added to each pair's loss "
-        "(Iterative RPO, Pang et al. 2024, who use 1.0 for correct-vs-incorrect reasoning pairs; TRL "
-        "`rpo_alpha`, default None = plain DPO)",
+        "(Iterative RPO, Pang et al. 2024, eq. 3, who use 1.0 for correct-vs-incorrect reasoning pairs; "
+        "default None = plain DPO). Normalised per answer: each chosen answer's mean token NLL, then the "
+        "mean over pairs; TRL's NLL term (`rpo_alpha`, now the 'sft' loss_type) is one mean over all "
+        "chosen tokens of the batch, which weighs long answers more",
     )
     # Defaults of TrainConfig fields that differ for DPO.
     lr: float = Field(

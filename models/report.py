@@ -66,15 +66,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def build_report_figure(summary: dict, rl_curves: dict[str, list[dict]] | None):
-    """The report as a matplotlib Figure with two axes (left: accuracy per stage, right: RL curves)."""
+    """The report as a matplotlib Figure: accuracy per stage, the RL stages' reward curves and, when
+    they logged them, their reasoning signals (marker rates, format rate, lengths)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.8), dpi=110, layout="constrained")
+    curves = {name: rows for name, rows in (rl_curves or {}).items() if rows}
+    reasoning = any(k.startswith("marker/") or k == "length_correct" for rows in curves.values() for r in rows for k in r)
+    fig = Figure(figsize=(18 if reasoning else 12, 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2, width_ratios=(1, 1.2))
-    _accuracy_panel(left, [r for r in stage_table(summary) if r["pass@1"] is not None or r["pass@k"] is not None])
-    _rl_panel(right, rl_curves or {})
+    axes = fig.subplots(1, 3 if reasoning else 2, width_ratios=(1, 1.2, 1.2) if reasoning else (1, 1.2))
+    _accuracy_panel(axes[0], [r for r in stage_table(summary) if r["pass@1"] is not None or r["pass@k"] is not None])
+    _rl_panel(axes[1], rl_curves or {})
+    if reasoning:
+        _reasoning_panel(axes[2], curves)
     title = "posttrain run report"
     if summary.get("recipe"):
         title += f" — recipe {summary['recipe']}" + (" (smoke)" if summary.get("smoke") else "")
@@ -138,6 +143,38 @@ def _rl_panel(ax, rl_curves: dict[str, list[dict]]) -> None:
     ax.set_ylabel("training batch: mean reward / fraction correct")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9, frameon=False)
+
+
+def _reasoning_panel(ax, curves: dict[str, list[dict]]) -> None:
+    """Marker rates and the answer-format rate (left axis) and the completion length of correct and
+    incorrect answers (right axis) per step: a trailing 10-step mean drawn over the raw values, faint."""
+    from models.reasoning import smooth
+
+    ax.set_title("Reasoning signals per step (10-step mean; raw values faint)")
+    right = ax.twinx()
+    palette = ["#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+    styles = ["-", "--", ":", "-."]
+    handles = []
+    for i, (name, rows) in enumerate(curves.items()):
+        prefix = f"{name} " if len(curves) > 1 else ""
+        rate_keys = sorted({k for r in rows for k in r if k.startswith("marker/")}) + ["format_rate"]
+        series = [(ax, k, palette[j % len(palette)]) for j, k in enumerate(rate_keys)]
+        series += [(right, "length_correct", "#55A868"), (right, "length_incorrect", "#C44E52")]
+        for axis, key, color in series:
+            pts = sorted((r["step"], r[key]) for r in rows if r.get("step") is not None and r.get(key) is not None)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            axis.plot(xs, ys, styles[i % len(styles)], color=color, lw=0.8, alpha=0.25)
+            (line,) = axis.plot(xs, smooth(list(ys), 10), styles[i % len(styles)], color=color, lw=2,
+                                label=f"{prefix}{key.removeprefix('marker/')}")
+            handles.append(line)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("fraction of completions")
+    right.set_ylabel("completion tokens (correct / incorrect)")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, loc="upper left", fontsize=8, frameon=False)
 
 
 def plot_report(summary: dict, rl_curves: dict[str, list[dict]] | None, out_png: str | os.PathLike) -> str:

@@ -16,7 +16,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from models.builtin_task import STOP_STRINGS
-from models.train_config import TrainConfig
+from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
+from models.reasoning import BUILTIN_MARKERS
+from models.train_config import TrainConfig, node_layout
 
 
 class RolloutConfig(TrainConfig):
@@ -54,6 +56,21 @@ class RolloutConfig(TrainConfig):
         default_factory=lambda: list(STOP_STRINGS),
         description="generation stops after any of these (built-in task: '</answer>'), and on EOS",
     )
+    chat_template: ChatTemplate | None = Field(None, description=CHAT_TEMPLATE_HELP)
+    reasoning_markers: dict[str, str] = Field(
+        default_factory=lambda: dict(BUILTIN_MARKERS),
+        description="name -> regex: each step logs `marker/<name>`, the fraction of completions where it "
+        "matches (the built-in task's: working step by step, checking the result; models/reasoning.py)",
+    )
+    aha_marker: str | None = Field(
+        "self_check",
+        description="the marker whose rate marks the 'aha' step: the first step from which its smoothed rate "
+        "stays at or above aha_threshold to the end (DeepSeek-R1-Zero's self-verification, Guo et al. 2025, "
+        "sec. 2.2.4); the stage run is tagged `posttrain.aha_step` and that step's completions are logged. "
+        "None: no aha detection",
+    )
+    aha_threshold: float = Field(0.5, gt=0, le=1, description="the marker rate that counts as arrived")
+    aha_window: int = Field(10, ge=1, description="steps in the trailing mean the aha threshold is checked on")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"builtin_task": 1.0},
         description="verifier reward names from models.rewards with their weights (TRL `reward_weights`); "
@@ -106,6 +123,7 @@ class RolloutConfig(TrainConfig):
                 f"{derived}); leave batch_size out to derive it"
             )
         if data.get("micro_batch_size") is None:
+            data = node_layout(data)  # world_size may come from nnodes × nproc_per_node
             world = data.get("world_size", 1)
             world = world if isinstance(world, int) and world > 0 else 1
             data["micro_batch_size"] = max(1, derived // world)
@@ -122,6 +140,15 @@ class RolloutConfig(TrainConfig):
         if unknown:
             raise ValueError(f"unknown reward(s) {unknown}; known: {list(REWARD_NAMES)}")
         return v
+
+
+# TRL GRPOConfig `loss_type` -> ours (trl/trainer/grpo_trainer.py, `_compute_loss`).
+TRL_LOSS_TYPES = {
+    "grpo": "seq_mean_token_mean",
+    "dapo": "token_mean",
+    "bnpo": "token_mean",
+    "dr_grpo": "seq_mean_token_sum_norm",
+}
 
 
 class GRPOConfig(RolloutConfig):
@@ -154,9 +181,59 @@ class GRPOConfig(RolloutConfig):
     )
     loss_type: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean",
-        description="loss aggregation (see models/losses.py): 'token_mean' over the global batch (DAPO, "
-        "TRL's 'dapo'), 'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO, divides "
-        "by max_new_tokens)",
+        description="loss aggregation (see models/losses.py): 'token_mean' over the global batch (DAPO), "
+        "'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO: divides by the batch's "
+        "rows × max_new_tokens, rows of skipped groups included). TRL's names are accepted and stored as "
+        "ours (TRL_LOSS_TYPES): 'grpo', 'dapo', 'bnpo' (TRL: the local batch's tokens; here the global "
+        "batch's, which is the same when there is one micro-batch), 'dr_grpo'",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="'token': one ratio per token (GRPO). 'sequence': one ratio per completion, exp of the "
+        "mean token log-ratio, clipped per sequence (GSPO, Zheng et al. 2025; TRL "
+        "`importance_sampling_level`, default 'token'); GSPO averages over sequences, "
+        "loss_type='seq_mean_token_mean'",
+    )
+    policy_loss: Literal["clip", "cispo"] = Field(
+        "clip",
+        description="'clip': the PPO/GRPO clipped surrogate. 'cispo': clip and stop-gradient the IS weight, "
+        "times the log-prob, so clipped tokens keep their gradient (MiniMax-M1, 2025); epsilon_high is "
+        "then the cap of the weight itself (TRL `loss_type='cispo'`, which also sets the token_mean "
+        "aggregation and is accepted here as that pair; ScaleRL recommends 5.0)",
+    )
+    use_bias_correction_kl: bool = Field(
+        False,
+        description="multiply the k3 KL term by the importance ratio, correcting a KL estimated on the old "
+        "policy's samples (DeepSeek-V3.2, 2025; TRL `use_bias_correction_kl`, default False); beta > 0 only",
+    )
+    mask_truncated_completions: bool = Field(
+        False,
+        description="completions cut by max_new_tokens (finish_reason 'length') get weight 0 in the loss; "
+        "they still count in their group's advantages (DAPO, Yu et al. 2025, sec. 3.4 'overlong "
+        "filtering'; TRL `mask_truncated_completions`, default False)",
+    )
+    overlong_buffer_len: int = Field(
+        0, ge=0,
+        description="soft overlong punishment: judged rewards of completions longer than max_new_tokens - "
+        "this lose up to overlong_penalty_factor, linearly (DAPO, Yu et al. 2025, eq. 13; verl "
+        "`overlong_buffer.len`, TRL `soft_punish_cache`; DAPO used 4096 of 20480). 0 disables it",
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: groups whose rewards all agree carry no signal, so more prompts "
+        "are sampled until the batch has num_prompts groups whose rewards differ (or max_sampling_rounds "
+        "is reached; the places left are filled with agreeing groups at weight 0). DAPO, Yu et al. 2025, "
+        "sec. 3.2; verl `algorithm.filter_groups.enable`",
+    )
+    max_sampling_rounds: int = Field(
+        3, ge=1,
+        description="with dynamic_sampling: sampling rounds per batch at most, the first included (verl "
+        "`algorithm.filter_groups.max_num_gen_batches`)",
+    )
+    overlong_penalty_factor: float = Field(
+        1.0, ge=0,
+        description="the penalty at max_new_tokens (verl `overlong_buffer.penalty_factor`, default 1.0 as in "
+        "DAPO eq. 13 and TRL's get_soft_overlong_punishment)",
     )
     num_iterations: int = Field(
         1, ge=1,
@@ -173,6 +250,39 @@ class GRPOConfig(RolloutConfig):
         "re-sampling). False keeps them with advantage 0",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_cispo(cls, data: Any) -> Any:
+        # TRL's loss_type='cispo' is an objective plus the token_mean aggregation: stored as that pair.
+        if isinstance(data, dict) and data.get("loss_type") == "cispo":
+            if data.get("policy_loss", "cispo") != "cispo":
+                raise ValueError(f"loss_type 'cispo' conflicts with policy_loss {data['policy_loss']!r}")
+            data = {**data, "loss_type": "token_mean", "policy_loss": "cispo"}
+        return data
+
+    @model_validator(mode="after")
+    def _buffer_inside_budget(self) -> "GRPOConfig":
+        if self.overlong_buffer_len >= self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer_len ({self.overlong_buffer_len}) must be below max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cispo_caps_the_weight(self) -> "GRPOConfig":
+        if self.policy_loss == "cispo" and self.epsilon_high < 1:
+            raise ValueError(
+                f"policy_loss 'cispo' caps the importance weight at epsilon_high ({self.epsilon_high}), which "
+                "must be >= 1 (TRL/ScaleRL: 5.0)"
+            )
+        return self
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _trl_loss_type(cls, v: Any) -> Any:
+        # One stored name per aggregation, so a TRL config and ours hash to the same cache key.
+        return TRL_LOSS_TYPES.get(v, v) if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _checkpoints_on_batch_boundaries(self) -> "GRPOConfig":
         if self.save_every % self.num_iterations:
@@ -183,4 +293,4 @@ class GRPOConfig(RolloutConfig):
         return self
 
 
-__all__ = ["RolloutConfig", "GRPOConfig"]
+__all__ = ["RolloutConfig", "GRPOConfig", "TRL_LOSS_TYPES"]

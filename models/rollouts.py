@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.chat import end_of_turn_id
 from models.segment_attention import attention_implementation
 
 
@@ -92,7 +93,10 @@ def filtered_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
+    """EOS of the tokenizer and of the generation config (every end-of-turn id a chat model lists
+    there), and the chat template's end-of-turn token."""
+    eot = end_of_turn_id(tokenizer)
+    ids: set[int] = set() if eot is None else {eot}
     for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)
@@ -134,8 +138,8 @@ def _cache_kwarg(model) -> str:
 def _make_cache(model, max_len: int, max_rows: int | None = None):
     """A KV cache that writes into buffers preallocated for `max_len` positions (and `max_rows` rows)
     and hands attention a view of the filled part. transformers' DynamicCache `torch.cat`s every
-    layer's keys and values each step, which on CPU costs more than the matmuls of a small model
-    (measured: ~60% of a decoding step). Rows can be re-selected (`batch_select_indices`, repeats
+    layer's keys and values each step, which on CPU costs more than the matmuls of a small model.
+    Rows can be re-selected (`batch_select_indices`, repeats
     allowed) and copied to the end (`append_rows`), copying only the filled positions."""
     from transformers import DynamicCache
 
@@ -221,8 +225,8 @@ FAST_DECODE = os.environ.get("POSTTRAIN_FAST_DECODE", "1") != "0"  # 0: SDPA for
 def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention of one new token per row over the cache: two small matmuls and a softmax, the same math
     as transformers' eager attention (softmax in fp32), with the query heads grouped by key/value head
-    instead of repeating the keys (GQA). On CPU this is ~2x faster per decoding step than SDPA's flash
-    kernel with a padding mask (measured at 128 rows, 4 heads, ~60 cached positions). Anything else
+    instead of repeating the keys (GQA). On CPU this is faster per decoding step than SDPA's flash
+    kernel with a padding mask. Anything else
     (prefill, soft-capping, attention sinks, position bias, dropout) goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -391,14 +395,27 @@ def _generate_chunk(model, rows, params, stop_ids, eos_ids, text_stop_check, gen
     return tokens, logps, reasons
 
 
+def _prompt_ids(tokenizer, prompts) -> list[list[int]]:
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    out = [None if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if texts:
+        encoded = tokenizer([prompts[i] for i in texts], add_special_tokens=True)["input_ids"]
+        for i, ids in zip(texts, encoded):
+            out[i] = [int(t) for t in ids]
+    return out
+
+
 def sample(
-    model, tokenizer, prompts: list[str], num_samples: int, params: SamplingParams, *, seed: int, batch_size: int = 64
+    model, tokenizer, prompts: list[str] | list[list[int]], num_samples: int, params: SamplingParams, *, seed: int,
+    batch_size: int = 64,
 ) -> list[Rollout]:
     """Sample `num_samples` completions of every prompt.
 
     Returns len(prompts) * num_samples rollouts in group-contiguous order (prompt 0's samples first).
-    Prompts are tokenized with the tokenizer's own special tokens (its post-processor adds BOS), left
-    padded, and decoded `batch_size` sequences at a time. The same `seed` gives the same rollouts for the
+    A prompt is token ids (what `models.chat.encode_prompt` gives: the stages pass these, rendered
+    with the chat template where it applies) or plain text, tokenized with the tokenizer's own special
+    tokens (its post-processor adds BOS). Prompts are left padded and decoded `batch_size` sequences
+    at a time. The same `seed` gives the same rollouts for the
     same `batch_size`; the global torch RNG is not touched. The model is put in eval mode.
     """
     if num_samples < 1:
@@ -423,7 +440,7 @@ def sample(
             tail = decode(ids[-window:])
             return any(s in tail for s in text_stops)
 
-    prompt_ids = [list(map(int, ids)) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    prompt_ids = _prompt_ids(tokenizer, prompts)
     order = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from models.builtin_task import STOP_STRINGS
+from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
 from models.train_config import Strict
 
 FILTER_NAMES = ("format", "reward", "length", "dedupe", "best_of_n", "max_per_prompt")
@@ -43,6 +44,7 @@ class SampleConfig(Strict):
         default_factory=lambda: list(STOP_STRINGS),
         description="generation stops after any of these (built-in task: '</answer>'), and on EOS",
     )
+    chat_template: ChatTemplate | None = Field(None, description=CHAT_TEMPLATE_HELP)
     batch_size: int = Field(128, ge=1, description="sequences generated at once (as evaluation)")
     seed: int = Field(0, description="sampling seed; the same seed and batch_size give the same samples")
     rewards: dict[str, float] = Field(

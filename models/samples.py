@@ -13,6 +13,7 @@ import logging
 
 import pandas as pd
 
+from models.chat import encode_prompt, prompt_text
 from models.rewards import combine_rewards
 from models.rollouts import SamplingParams, sample
 from models.sample_filter_config import SampleConfig
@@ -29,7 +30,8 @@ def reward_column(name: str) -> str:
 def generate_samples(model, tokenizer, problems: list[dict], cfg: SampleConfig) -> pd.DataFrame:
     """One row per candidate for the first `cfg.num_prompts` problems (dicts with id, prompt, answer).
 
-    Columns, in this order: `prompt_id`, `sample_idx` (0..num_samples-1), `prompt`, `reference` (the
+    Columns, in this order: `prompt_id`, `sample_idx` (0..num_samples-1), `prompt` (as the problem
+    has it: a string or a conversation, so refine renders the ids that were sampled), `reference` (the
     problem's answer), `completion` (decoded, stop string kept), `reward/<name>` for every reward in
     `cfg.rewards` (None = could not be judged), `total` (weighted sum, None parts counted as 0; 0.0 when
     no reward could judge the sample, since the contract needs a number), `length` (completion tokens,
@@ -51,7 +53,7 @@ def generate_samples(model, tokenizer, problems: list[dict], cfg: SampleConfig) 
         top_p=cfg.top_p,
         stop_strings=tuple(cfg.stop_strings),
     )
-    prompts = [str(p["prompt"]) for p in chosen]
+    prompts = [encode_prompt(tokenizer, p["prompt"], cfg.chat_template) for p in chosen]
     rollouts = sample(model, tokenizer, prompts, cfg.num_samples, params, seed=cfg.seed, batch_size=cfg.batch_size)
     rollouts = sorted(rollouts, key=lambda r: (r.prompt_index, r.sample_index))  # already so; made explicit
 
@@ -59,7 +61,7 @@ def generate_samples(model, tokenizer, problems: list[dict], cfg: SampleConfig) 
     for r in rollouts:
         problem = chosen[r.prompt_index]
         reference = str(problem["answer"])
-        total, parts = score(problem["prompt"], r.completion_text, reference)
+        total, parts = score(prompt_text(problem["prompt"]), r.completion_text, reference)
         row = {
             "prompt_id": str(problem["id"]),
             "sample_idx": int(r.sample_index),
@@ -79,7 +81,8 @@ def generate_samples(model, tokenizer, problems: list[dict], cfg: SampleConfig) 
 
 
 def samples_to_sft(df: pd.DataFrame) -> pd.DataFrame:
-    """The refine stage's SFT data: a (prompt, completion) frame in TRL's prompt/completion format.
+    """The refine stage's SFT data: a (prompt, completion) frame in TRL's prompt/completion format
+    (a conversational prompt stays a conversation: TRL's conversational prompt/completion).
 
     The completion is the sampled text as it was generated (stop string included). Rows whose
     completion is empty or whitespace-only are dropped with a warning (they teach nothing, and the

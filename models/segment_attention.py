@@ -13,8 +13,8 @@ SEGMENTS_ATTENTION = "posttrain_segments"  # the transformers attention function
 
 
 # Row gathers as opaque ops under torch.compile: inductor lowers the backward of index_select (a
-# scatter-add) to a generic accumulate loop that cost 11 ms of a 64 ms SFT step of the built-in
-# model; ATen's index_add_ kernel does the same sum in 0.4 ms. So inside a compiled graph the gather
+# scatter-add) to a generic accumulate loop far slower than ATen's index_add_ kernel, which does
+# the same sum. So inside a compiled graph the gather
 # and its backward stay ATen calls. (Eager uses index_select itself: no custom-op dispatch cost.)
 @torch.library.custom_op("posttrain::take_rows", mutates_args=())
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return take(x[0].transpose(0, 1), flat).view(b, length, h, -1).transpose(1, 2)
 
     p_drop = dropout if module.training else 0.0
-    if compiling and not p_drop:  # measured: matmul-softmax beats the CPU flash kernel once inductor fuses it
+    if compiling and not p_drop:  # matmul-softmax beats the CPU flash kernel once inductor fuses it
         q, k = paths(query), paths(key)
         scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
         ar = torch.arange(length, device=q.device)

@@ -18,8 +18,12 @@ from data_contracts.artifacts import ArtifactRef
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Fields that never change what a stage computes (only how often it logs or keeps files).
-BOOKKEEPING_FIELDS = frozenset({"log_every", "save_every", "keep_checkpoints"})
+# Fields that never change what a stage computes (only how often it logs or keeps files, or how its
+# ranks are spread over machines: world_size, which is in the key, fixes what each rank computes, so
+# 2 nodes × 1 rank and 1 node × 2 ranks share a key and a work dir, and one can resume the other).
+BOOKKEEPING_FIELDS = frozenset({
+    "log_every", "save_every", "keep_checkpoints", "nnodes", "nproc_per_node", "rdzv_endpoint", "rdzv_timeout_s",
+})
 
 def _strip(obj):
     if isinstance(obj, dict):
@@ -36,7 +40,7 @@ OWN_PACKAGES = ("models", "data_contracts", "tasks")
 # stage config), so editing one (a new stage's section) must not invalidate finished stages.
 BOOKKEEPING_MODULES = frozenset({
     "tasks.tracking", "tasks.progress", "models.config", "models.train_config", "models.rl_config",
-    "models.pref_config", "models.ppo_config", "models.sample_filter_config",
+    "models.pref_config", "models.ppo_config", "models.sample_filter_config", "models.stages",
 })
 
 

@@ -7,17 +7,20 @@ persists under the state dir.
 
 from __future__ import annotations
 
-import functools
 import json
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from data_contracts.artifacts import ArtifactRef
+from data_contracts.artifacts import EXTERNAL_KINDS, ArtifactRef
 from tasks.tracking import Tracker, mlflow_digest
+
+log = logging.getLogger("posttrain.tracking")
 
 
 class RunContext(BaseModel):
@@ -30,6 +33,7 @@ class RunContext(BaseModel):
     code_version: str = "unknown"
     recipe: str = ""
     resumed_from: str | None = None
+    log_models: str = "all"  # tracking.log_models: which outputs are copied into MLflow
 
 
 class StageResult(BaseModel):
@@ -53,6 +57,8 @@ def state_paths(state_dir: str | os.PathLike) -> dict[str, Path]:
         "artifacts": root / "mlartifacts",
         "prefect": root / "prefect",
         "ops": root / "torch_extensions",
+        "models": root / "models",
+        "tracking_queue": root / "tracking-queue",
     }
 
 
@@ -66,17 +72,52 @@ def workdir_for(ctx: RunContext, stage: str, cache_key: str) -> Path:
     return d
 
 
-@functools.lru_cache(maxsize=8)
-def _tracker(uri: str, experiment: str, artifact_root: str) -> Tracker:
-    return Tracker(uri, experiment, artifact_root)
+_TRACKERS: dict[tuple[str, ...], Tracker] = {}
+_TRACKERS_LOCK = threading.Lock()
 
 
-def tracker_for(ctx: RunContext) -> Tracker:
-    t = _tracker(ctx.tracking_uri, ctx.experiment, str(state_paths(ctx.state_dir)["artifacts"]))
-    if not t.ok:  # the store was down when first asked: try again rather than stay dark all run
-        _tracker.cache_clear()
-        t = _tracker(ctx.tracking_uri, ctx.experiment, str(state_paths(ctx.state_dir)["artifacts"]))
-    return t
+def tracker_for(ctx: RunContext, fresh: bool = False) -> Tracker:
+    """The process's tracker for this store, made once (parallel branches share it). One that went
+    offline stays offline and queues (asking a dead store again at every stage cost a timeout each);
+    `fresh` replaces an offline one with a new connection (a flow's start)."""
+    paths = state_paths(ctx.state_dir)
+    key = (ctx.tracking_uri, ctx.experiment, str(paths["artifacts"]), str(paths["tracking_queue"]))
+    with _TRACKERS_LOCK:
+        t = _TRACKERS.get(key)
+        if t is not None and fresh and t.offline:
+            t.journal.close()  # complete: the new tracker's replay may take it
+        if t is None or (fresh and t.offline) or not (t.ok or t.offline):  # never connected: try again
+            t = _TRACKERS[key] = Tracker(*key[:3], queue_dir=key[3])
+        return t
+
+
+def start_tracking(ctx: RunContext) -> tuple[Tracker, dict | None]:
+    """A flow run's tracker, connected afresh if this process's last one went offline (a served
+    process runs many flows), and the replay of what earlier runs queued for this store, if any."""
+    tracker = tracker_for(ctx, fresh=True)
+    if tracker.offline or not tracker.ok:
+        return tracker, None
+    try:
+        report = replay_queued(ctx.state_dir, only_uri=ctx.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - the journals stay queued for `posttrain sync`
+        log.warning("replaying queued tracking calls into %s failed: %s: %s", ctx.tracking_uri, type(e).__name__, e)
+        return tracker, {"error": f"{type(e).__name__}: {e}"}
+    tracker.ids.reload()  # results cached by the replayed runs name their placeholders
+    return tracker, report
+
+
+def replay_queued(state_dir: str | os.PathLike, only_uri: str | None = None, tracking_uri: str | None = None) -> dict | None:
+    """Replay the state dir's queued tracking calls into their store (or `tracking_uri`); None if none."""
+    from tasks.tracking_queue import pending_journals, replay
+
+    queue = state_paths(state_dir)["tracking_queue"]
+    if not pending_journals(queue):
+        return None
+
+    def open_tracker(uri: str, experiment: str, artifact_root: str | None) -> Tracker:
+        return Tracker(uri, experiment, artifact_root, raise_errors=True)  # `replay` translates the ids itself
+
+    return replay(queue, open_tracker, only_uri=only_uri, tracking_uri=tracking_uri)
 
 
 def prefect_ids() -> tuple[str, str]:
@@ -119,8 +160,9 @@ class StageRun:
             tags=lineage_tags(ctx, stage, cache_key, inputs, cached=False), parent_run_id=ctx.parent_run_id,
         )
         for name, ref in inputs.items():
-            if ref.kind == "dataset":
-                self.tracker.log_dataset(self.run_id, ref.path, f"{name}:{Path(ref.path).name}", ref.digest)
+            if ref.kind in EXTERNAL_KINDS:
+                self.tracker.log_dataset(self.run_id, ref.path, f"{name}:{Path(ref.path).name}", ref.digest,
+                                         context="training" if ref.kind == "dataset" else ref.kind)
 
     def __enter__(self) -> StageRun:
         return self
@@ -138,7 +180,7 @@ class StageRun:
 
     def finish_output(self, output: ArtifactRef, artifact_path: str | None = "model") -> None:
         self.tracker.set_tags(self.run_id, {"posttrain.output_digest": output.digest, "posttrain.output_path": output.path})
-        if artifact_path and Path(output.path).is_dir():
+        if artifact_path and Path(output.path).is_dir() and self.ctx.log_models == "all":
             self.tracker.log_artifacts(self.run_id, output.path, artifact_path)
 
 
@@ -160,11 +202,13 @@ def record_cache_hit(ctx: RunContext, result: StageResult, inputs: dict[str, Art
     if result.metrics:
         tracker.log_metrics(run_id, [result.metrics])
     for name, ref in inputs.items():
-        if ref.kind == "dataset":
-            tracker.log_dataset(run_id, ref.path, f"{name}:{Path(ref.path).name}", ref.digest)
+        if ref.kind in EXTERNAL_KINDS:
+            tracker.log_dataset(run_id, ref.path, f"{name}:{Path(ref.path).name}", ref.digest,
+                                context="training" if ref.kind == "dataset" else ref.kind)
     tracker.log_metrics(run_id, [{"wall_seconds": wall_seconds}])
     tracker.end_run(run_id)
     return run_id
 
 
-__all__ = ["RunContext", "StageResult", "StageRun", "mlflow_digest", "record_cache_hit", "state_paths", "workdir_for"]
+__all__ = ["RunContext", "StageResult", "StageRun", "mlflow_digest", "record_cache_hit", "replay_queued", "start_tracking",
+           "state_paths", "tracker_for", "workdir_for"]

@@ -53,6 +53,17 @@ def _hf_dataset_file(uri: str, split: str) -> Path:
     raise FileNotFoundError(f"{uri}: no file for split '{split}' in {root} (looked for {split}.jsonl/.parquet, data/{split}-*.parquet)")
 
 
+class MissingData(FileNotFoundError):
+    """A dataset setting names a file that is not there; `at(node)` names the node's setting."""
+
+    def __init__(self, key: str, path: Path):
+        self.key, self.path = key, path
+        super().__init__(f"{key}: {path}: no such file")
+
+    def at(self, node: str) -> MissingData:
+        return MissingData(f"{node}.{self.key}", self.path)
+
+
 def resolve_sft_dataset(name: str, task: TaskConfig, datasets_root: Path, split: str = "train") -> ArtifactRef:
     """A validated SFT dataset file (raises ContractError naming file, row and field)."""
     if name == "builtin":
@@ -62,19 +73,22 @@ def resolve_sft_dataset(name: str, task: TaskConfig, datasets_root: Path, split:
     else:
         path = Path(name).expanduser().resolve()
         if not path.exists():
-            raise FileNotFoundError(f"sft.dataset: {path}: no such file")
+            raise MissingData("dataset", path)
     load_sft_dataset(path)  # validate now, before any stage trains
     return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))
 
 
-def resolve_problems(name: str, task: TaskConfig, datasets_root: Path, split: str = "test") -> ArtifactRef:
-    """Evaluation problems (id, prompt, answer), validated."""
+def resolve_problems(name: str, task: TaskConfig, datasets_root: Path, split: str = "test",
+                     key: str = "prompts") -> ArtifactRef:
+    """Problems (id, prompt, answer), validated; `key` names the setting in errors."""
     if name == "builtin":
         path = builtin_dir(task, datasets_root) / f"{split}_problems.jsonl"
     elif name.startswith("hf://datasets/"):
         path = _hf_dataset_file(name, split)
     else:
         path = Path(name).expanduser().resolve()
+        if not path.exists():
+            raise MissingData(key, path)
     validate_problems(read_table(path), str(path))
     return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))
 
@@ -88,6 +102,6 @@ def resolve_preferences(name: str) -> ArtifactRef:
     """A validated preference file in TRL's format (prompt, chosen, rejected)."""
     path = Path(name).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"preference dataset {path}: no such file")
+        raise MissingData("dataset", path)
     validate_preferences(read_table(path), str(path))
     return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))

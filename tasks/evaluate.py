@@ -23,18 +23,20 @@ def run_evaluation(model_path: str, problems: list[dict], config: dict) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models import builtin_task
+    from models.device import training_device
     from models.evaluation import evaluate
     from models.rewards import get_reward
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(training_device())
     extract = {"builtin_task": builtin_task.extract_answer,
                "builtin_task_lenient": builtin_task.extract_answer_lenient}.get(config["reward"])
     return evaluate(
         model, tokenizer, problems, get_reward(config["reward"]), extract,
         num_problems=config["num_problems"], k=config["k"], temperature=config["temperature"],
         max_new_tokens=config["max_new_tokens"], batch_size=config["batch_size"], seed=config["seed"],
+        stop_strings=tuple(config.get("stop_strings", ("</answer>",))), chat_template=config.get("chat_template"),
     )
 
 

@@ -12,6 +12,7 @@ class Reporter(Protocol):
     def stage_started(self, stage: str, total: int | None) -> None: ...
     def update(self, stage: str, metrics: dict) -> None: ...
     def stage_finished(self, stage: str, cached: bool, seconds: float) -> None: ...
+    def note(self, stage: str, line: str) -> None: ...  # e.g. waiting for another run's stage
 
 
 class _Silent:
@@ -22,6 +23,9 @@ class _Silent:
         pass
 
     def stage_finished(self, stage, cached, seconds):
+        pass
+
+    def note(self, stage, line):
         pass
 
 

@@ -27,6 +27,7 @@ def sample_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, Art
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.sample_filter_config import SampleConfig
+    from models.device import training_device
     from models.samples import generate_samples
 
     workdir = workdir_for(ctx, stage, cache_key)
@@ -35,7 +36,7 @@ def sample_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, Art
         cfg = SampleConfig.model_validate(config)
         path = inputs["model"].path
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(training_device())
         df = generate_samples(model, tokenizer, load_problems(inputs["prompts"]), cfg)
         out = Path(workdir) / "samples.jsonl"
         validate_samples(df, str(out))

@@ -8,23 +8,21 @@ A killed stage rerun with the same cache key finds its work dir and resumes from
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prefect import task
 
 from data_contracts.artifacts import ArtifactRef, digest_path
 from models.engine import read_metrics
 from models.launch import run_training
+from models.reasoning import aha_step
+from models.lora import ADAPTER_DIR
+from models.stages import KINDS
 from tasks.common import RunContext, StageResult, StageRun, state_paths, workdir_for
 from tasks.progress import reporter
 
-# stage kind -> (recipe function, how to build its spec from the inputs)
-RECIPES = {
-    "sft": "models.recipes.sft:train_sft",
-    "grpo": "models.recipes.grpo:train_grpo",
-    "ppo": "models.recipes.ppo:train_ppo",
-    "dpo": "models.recipes.dpo:train_dpo",
-    "reward_model": "models.recipes.reward_model:train_reward_model",
-}
+# stage kind -> its recipe function (from the stage registry)
+RECIPES = {kind: k.recipe for kind, k in KINDS.items() if k.recipe}
 
 
 def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir: str) -> dict:
@@ -36,6 +34,20 @@ def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir:
     if "reward_model" in inputs:
         spec["reward_model_path"] = inputs["reward_model"].path
     return spec
+
+
+def find_aha(rows: list[dict], rollouts: list[dict], config: dict) -> dict | None:
+    """The RL stage's "aha" step (models.reasoning.aha_step on its `aha_marker`'s rate) and the
+    completions of the first logged rollout batch at or after it (the last one before, if none)."""
+    marker = config.get("aha_marker")
+    if not marker:
+        return None
+    step = aha_step(rows, f"marker/{marker}", config["aha_threshold"], config["aha_window"])
+    if step is None:
+        return None
+    logged = sorted({r["step"] for r in rollouts})
+    at = next((s for s in logged if s >= step), logged[-1] if logged else None)
+    return {"step": step, "completions": [r for r in rollouts if r["step"] == at]}
 
 
 @task(name="train")
@@ -58,11 +70,20 @@ def train_stage(stage: str, kind: str, cache_key: str, config: dict, inputs: dic
         output = ArtifactRef(kind="reward_model" if kind == "reward_model" else "model", path=res["output_dir"], digest=digest_path(res["output_dir"]),
                              run_id=run.run_id, stage=stage)
         run.finish_output(output)
+        adapter = Path(output.path) / ADAPTER_DIR  # a LoRA stage's adapter alone, beside the merged model
+        if adapter.is_dir():
+            run.tracker.log_artifacts(run.run_id, str(adapter), ADAPTER_DIR)
         final = {f"train/{k}": v for k, v in (rows[-1] if rows else {}).items() if k != "step"}
-        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "format", "num_problems", "metrics_path")
+        extra = {k: res[k] for k in ("num_examples", "dropped_examples", "truncated_examples", "unk_examples", "format",
+                                  "num_problems", "metrics_path")
                  if k in res}
         if res.get("rollouts_path"):
             rollouts = read_metrics(res["rollouts_path"])  # JSONL rows, one per logged rollout
             run.tracker.log_table(run.run_id, rollouts, "rollouts.json")
+            aha = find_aha(rows, rollouts, config)
+            if aha is not None:
+                extra["aha_step"] = aha["step"]
+                run.tracker.set_tags(run.run_id, {"posttrain.aha_step": aha["step"]})
+                run.tracker.log_table(run.run_id, aha["completions"], "aha_completions.json")
         return StageResult(stage=stage, output=output, mlflow_run_id=run.run_id, cache_key=cache_key,
                            metrics=final, resumed_from_step=resumed, wall_seconds=run.elapsed, extra=extra)

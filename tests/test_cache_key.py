@@ -13,8 +13,14 @@ def key(cfg=None, inputs=None, code="c1", stage="sft"):
     return stage_cache_key(stage, cfg, inputs if inputs is not None else {"model": REF, "dataset": DATA}, code)
 
 
-def test_same_inputs_same_key():
-    assert key() == key()
+def test_key_is_the_sha256_of_the_canonical_payload_whatever_the_input_order():
+    # sha256 of the sorted, compact JSON {"code","config","inputs": name -> digest,"stage"}, first 32
+    # hex digits: a literal, so the key is stable across processes (no hash seed, no object ids) and a
+    # change of its format, which would invalidate every finished stage, shows up here.
+    # sha256(b'{"code":"c1","config":{"lr":0.001},"inputs":{"dataset":"sha256:ddd","model":"sha256:aaa"},"stage":"sft"}')
+    golden = "1ca3e28206116f290d547e54862c2f6b"
+    assert stage_cache_key("sft", {"lr": 1e-3, "log_every": 5}, {"model": REF, "dataset": DATA}, "c1") == golden
+    assert stage_cache_key("sft", {"lr": 1e-3}, {"dataset": DATA, "model": REF}, "c1") == golden
 
 
 def test_changes_that_matter_change_the_key():
@@ -47,3 +53,24 @@ def test_stage_code_version_covers_what_the_stage_imports_and_nothing_else():
     assert not files & {"models/rollouts.py", "models/losses.py", "flows/cli.py"}
     evaluate = {f.relative_to(REPO_ROOT).as_posix() for f in stage_source_files(("tasks.evaluate",))}
     assert {"models/rollouts.py", "models/evaluation.py", "models/rewards/__init__.py"} <= evaluate
+
+
+def test_keys_of_configs_written_before_the_node_fields_are_unchanged():
+    # literals computed on the commit before nnodes / nproc_per_node / rdzv_* existed: adding them as
+    # bookkeeping fields keeps every finished single-node stage cached
+    assert key() == "33b942c9bafb87afa37b797f79deb268"
+    two = ["sft.world_size=2", "sft.micro_batch_size=8"]
+    assert key(cfg=resolved(load_recipe("r1", two).sft)) == "13062fef5db4bcecb45f328836ce1cac"
+    pre = ["fetch.pretrain.world_size=2", "fetch.pretrain.micro_batch_size=16"]
+    assert key(cfg=resolved(load_recipe("r1", pre).fetch)) == "307f4d6339365d0dcfef0a5bdc1c300f"
+    assert key(cfg=resolved(load_recipe("r1").grpo), stage="grpo") == "eeeb900f21c3395fa4d6f8c895438756"
+
+
+def test_how_ranks_are_spread_over_nodes_is_bookkeeping_but_world_size_is_not():
+    two_ranks = key(cfg=resolved(load_recipe("r1", ["sft.world_size=2", "sft.micro_batch_size=8"]).sft))
+    for layout in (["sft.nnodes=2"], ["sft.nnodes=2", "sft.nproc_per_node=1"],
+                   ["sft.nnodes=2", "sft.rdzv_endpoint=node0:29400", "sft.rdzv_timeout_s=30"]):
+        cfg = resolved(load_recipe("r1", layout + ["sft.micro_batch_size=8"]).sft)
+        assert cfg["world_size"] == 2 and key(cfg=cfg) == two_ranks, layout
+    four = resolved(load_recipe("r1", ["sft.nnodes=2", "sft.nproc_per_node=2", "sft.micro_batch_size=4"]).sft)
+    assert key(cfg=four) != two_ranks

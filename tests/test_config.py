@@ -65,3 +65,44 @@ def test_deepspeed_config_merges_stage_settings():
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["bf16"] == {"enabled": True}
+
+
+def test_set_on_a_stage_the_recipe_does_not_run_is_an_error():
+    with pytest.raises(RecipeError, match=r"--set sft\.dataset=?.*does not run a 'sft' stage \(stages: fetch, grpo\)"):
+        load_recipe("r1-zero", ["sft.dataset=/nonexistent.jsonl"])
+    with pytest.raises(RecipeError, match=r"--set refine\.lr: .*stages: fetch, sft, grpo\)"):  # after stages=[...]
+        load_recipe("r1", ["stages=[fetch,sft,grpo]", "refine.lr=1e-4"], smoke=True)
+    # the smoke: section may set sections a user drops; --set stages itself and sections it adds work
+    r = load_recipe("r1", ["stages=[fetch,sft,grpo]", "grpo.lr=1e-5"], smoke=True)
+    assert r.stages == ["fetch", "sft", "grpo"] and r.grpo.lr == 1e-5
+    assert load_recipe("r1-zero", ["evaluate.k=2", "task.seed=3"]).evaluate.k == 2  # not stage sections
+
+
+def test_set_on_the_smoke_section_is_an_error():
+    with pytest.raises(RecipeError, match=r"--set smoke\.sft\.max_steps: .*set the key itself, e\.g\. --set sft\.max_steps="):
+        load_recipe("r1", ["smoke.sft.max_steps=2"], smoke=True)
+
+
+def test_a_bare_name_is_a_shipped_recipe_even_when_the_working_dir_has_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1-zero").write_text("name: mine\n")
+    assert load_recipe("r1").name == "r1" and load_recipe("r1-zero", smoke=True).name == "r1-zero"
+    with pytest.raises(RecipeError, match=r"^r1: is a directory, not a recipe file"):
+        load_recipe("./r1")
+    with pytest.raises(RecipeError, match="unknown recipe 'mine'.*pass ./mine"):
+        (tmp_path / "mine").write_text("name: mine\n")
+        load_recipe("mine")
+    (tmp_path / "bin.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(RecipeError, match=r"bin\.yaml: not a UTF-8 text file"):
+        load_recipe("bin.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(RecipeError, match=r"dir\.yaml: is a directory"):
+        load_recipe("dir.yaml")
+
+
+def test_operand_range_is_checked_in_one_line():
+    with pytest.raises(RecipeError, match=r"invalid recipe: task: min_operands \(7\) is above max_operands \(6\)") as e:
+        load_recipe("r1", ["task.min_operands=7"])
+    assert "\n" not in str(e.value)
+    assert load_recipe("r1", ["task.min_operands=4", "task.max_operands=4"]).task.min_operands == 4

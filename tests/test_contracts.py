@@ -74,7 +74,7 @@ def test_wrong_type(tmp_path):
     with pytest.raises(ContractError) as e:
         load_sft_dataset(p)
     assert_error(e, p, 3, "completion")
-    assert e.value.reason == "expected a string, got int"
+    assert e.value.reason == "expected a string or a list of assistant messages, got int"
 
 
 def test_null_and_absent_key(tmp_path):

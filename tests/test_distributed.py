@@ -1,5 +1,8 @@
 """SFT with ZeRO-3 on 2 processes (torchrun, gloo on CPU) against 1 process without ZeRO."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +40,22 @@ def test_zero3_two_processes_matches_one_process(tiny_base, sft_file, tmp_path):
     # ZeRO-3 wrote partitioned optimizer state for each rank
     ckpts = sorted((tmp_path / "two" / "checkpoints").glob("step*"))
     assert any("zero_pp_rank_1" in p.name for p in ckpts[-1].iterdir())
+
+
+def test_one_process_binds_no_port_for_its_process_group():
+    """World size 1 meets in an in-memory store: no TCP port to lose to another process between
+    picking it and binding it (two runs started together once failed with EADDRINUSE)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, socket, torch.distributed as dist\n"
+        "from models.engine import ensure_distributed_env\n"
+        "ensure_distributed_env()\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['MASTER_PORT']))); s.listen(1)\n"
+        "print(dist.is_initialized(), dist.get_world_size())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "1"], out.stderr[-2000:]

@@ -19,7 +19,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 import models.recipes.dpo as dpo_mod  # noqa: E402
 from models.builtin_task import make_problems  # noqa: E402
 from models.pref_config import DPOConfig, RewardModelConfig  # noqa: E402
-from models.recipes.dpo import build_onpolicy_pairs, collate_sequences, encode_sequence, train_dpo  # noqa: E402
+import models.preference_pairs as pairs_mod  # noqa: E402
+from models.preference_pairs import build_onpolicy_pairs, collate_sequences, encode_sequence  # noqa: E402
+from models.recipes.dpo import train_dpo  # noqa: E402
 from models.recipes.reward_model import load_reward_scorer, train_reward_model  # noqa: E402
 from models.rollouts import Rollout, SamplingParams  # noqa: E402
 from models.tokenizer import build_tokenizer  # noqa: E402
@@ -76,21 +78,23 @@ def test_pair_builder_pairs_first_correct_with_first_incorrect(monkeypatch):
         "p2": ["?", "?", "nope", "right"],        # unjudged skipped: ('right', 'nope')
     }
 
-    def fake_sample(model, tok, prompts, n, params, *, seed, batch_size):
-        return [Rollout(i, s, [], [], canned[p][s], [], "stop") for i, p in enumerate(prompts) for s in range(n)]
+    def fake_sample(model, tok, prompts, n, params, *, seed, batch_size):  # prompts: ids, as encode_prompt gives
+        texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+        return [Rollout(i, s, [], [], canned[p][s], [], "stop") for i, p in enumerate(texts) for s in range(n)]
 
-    monkeypatch.setattr(dpo_mod, "sample", fake_sample)
+    monkeypatch.setattr(pairs_mod, "sample", fake_sample)
     problems = [{"id": k, "prompt": k, "answer": "right"} for k in canned]
 
     def verifier(prompt, completion, answer):  # 'right*' = 1, '?' = unjudged, else 0
         return None if completion == "?" else float(completion.startswith(answer))
 
-    pairs = build_onpolicy_pairs(None, None, problems, verifier, 10, 4, SamplingParams(), seed=0, batch_size=64)
+    tok = build_tokenizer()
+    pairs = build_onpolicy_pairs(None, tok, problems, verifier, 10, 4, SamplingParams(), seed=0, batch_size=64)
     by_id = {p["prompt_id"]: p for p in pairs}
     assert set(by_id) == {"p0", "p2"}
     assert (by_id["p0"]["chosen"], by_id["p0"]["rejected"]) == ("right", "wrong")
     assert (by_id["p2"]["chosen"], by_id["p2"]["rejected"]) == ("right", "nope")
-    assert len(build_onpolicy_pairs(None, None, problems, verifier, 1, 4, SamplingParams(), seed=0)) == 1
+    assert len(build_onpolicy_pairs(None, tok, problems, verifier, 1, 4, SamplingParams(), seed=0)) == 1
 
 
 def test_pair_builder_is_deterministic_for_a_seed(tiny_base):
@@ -143,15 +147,38 @@ def test_first_dpo_step_loss_is_ln2_and_ipo_is_inverse_2beta_squared(tiny_base, 
     assert m["loss"] == pytest.approx(LN2 + 0.5 * m["nll_loss"], abs=1e-5)
 
 
-def test_dpo_raises_margin_and_accuracy_on_its_pairs(tiny_base, pref_file, tmp_path):
-    from models.engine import read_metrics
+def test_second_dpo_step_metrics_are_the_loss_of_the_first_steps_weights(tiny_base, pref_file, tmp_path):
+    """Step 2 logs the DPO loss of the weights after step 1 on all 8 pairs (batch 8 = the whole file),
+    computed here by hand from sequence log-probs; the first step's gradient raised every margin."""
+    from transformers import AutoModelForCausalLM
 
-    res = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "w", max_steps=8, lr=3e-3))
-    rows = read_metrics(res["metrics_path"])
-    first, last = rows[0], rows[-1]
-    assert last["rewards/margin"] > first["rewards/margin"] + 0.05
-    assert last["rewards/accuracy"] > first["rewards/accuracy"] and last["rewards/accuracy"] >= 0.75
-    assert last["loss"] < LN2 - 0.01
+    from models.engine import read_metrics
+    from models.preference_pairs import tokenize_pairs
+    from models.recipes.dpo import reference_logps
+
+    one = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "one", max_steps=1, lr=3e-3))
+    two = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "two", max_steps=2, lr=3e-3))
+    step2 = read_metrics(two["metrics_path"])[1]
+    tok = build_tokenizer()
+    rows = [json.loads(ln) for ln in pref_file.read_text().splitlines()]
+    items, _ = tokenize_pairs(rows, tok, 64)
+
+    def logps(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return reference_logps(model, items, tok.pad_token_id, 8)
+
+    ref, pol = logps(tiny_base), logps(one["output_dir"])
+    # Rafailov et al. 2023, eq. 7: r = beta * (log pi - log pi_ref) summed over completion tokens,
+    # loss_i = -log sigma(r_chosen_i - r_rejected_i) = softplus(-(r_c - r_r)), beta 0.1; means over 8 pairs
+    r_c = 0.1 * (pol["chosen_sum"] - ref["chosen_sum"])
+    r_r = 0.1 * (pol["rejected_sum"] - ref["rejected_sum"])
+    margin = r_c - r_r
+    assert step2["loss"] == pytest.approx(torch.nn.functional.softplus(-margin).mean().item(), abs=1e-5)
+    assert step2["rewards/chosen"] == pytest.approx(r_c.mean().item(), abs=1e-5)
+    assert step2["rewards/margin"] == pytest.approx(margin.mean().item(), abs=1e-5)
+    assert step2["rewards/accuracy"] == (margin > 0).float().mean().item()
+    # one descent step on -log sigma(margin) from margin 0 moves the mean margin up: loss below ln 2
+    assert margin.mean().item() > 0 and step2["loss"] < LN2
 
 
 @pytest.mark.parametrize("rpo_alpha", [None, 1.0])

@@ -53,8 +53,20 @@ def offline_cache(monkeypatch):
 
 def test_local_dir_is_used_in_place(tiny_base, tmp_path):
     assert resolve_uri(str(tiny_base), tmp_path, _ctx(tmp_path)) == tiny_base.resolve()
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="missing: no such file or directory$"):
         resolve_uri(str(tmp_path / "missing"), tmp_path, _ctx(tmp_path))
+
+
+def test_local_dir_whose_config_does_not_load_fails_in_fetch(tiny_base, tmp_path):
+    """A broken config.json passed fetch and failed later, in evaluate, with a raw transformers error."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_base, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')  # cut short, as by a full disk
+    with pytest.raises(FileNotFoundError) as e:
+        fetch_base.fn(stage="fetch", cache_key="k" * 32, config={"uri": str(broken)}, task_config={}, inputs={},
+                      ctx=_ctx(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"fetch.uri {broken}: {broken / 'config.json'} does not load: "), msg
 
 
 def test_hf_uri_resolves_from_the_offline_cache(tiny_base, tmp_path, offline_cache):
@@ -109,3 +121,67 @@ def test_builtin_datasets_are_deterministic_and_valid(tmp_path):
     p = resolve_problems("builtin", task, tmp_path / "a")
     assert p.path.endswith("test_problems.jsonl")
     assert resolve_problems("builtin", TaskConfig(n_train=60, n_test=10), tmp_path / "c").digest == p.digest
+
+
+@pytest.fixture
+def silent_hub(monkeypatch, tmp_path):
+    """A loopback "hub" that accepts connections and never answers (it closes them after 30 s at most),
+    with 1 s hub timeouts and an empty hub cache; yields the cache dir."""
+    import socket
+    import threading
+
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop, held = threading.Event(), []
+
+    def accept():
+        deadline = threading.Timer(30, stop.set)
+        deadline.start()
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # never read from nor written to
+            except OSError:
+                pass
+        deadline.cancel()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    yield cache
+    stop.set()
+    thread.join(5)
+    set_client_factory(default_client_factory)
+
+
+def test_a_hub_that_never_answers_fails_fetch_in_seconds(tmp_path, silent_hub):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_uri("hf://acme/none@main", tmp_path, _ctx(tmp_path))
+    assert time.monotonic() - t0 < 15  # 1 s timeouts; without them this hangs until the hub closes
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("fetch.uri hf://acme/none@main: the hub http://127.0.0.1:"), msg
+    assert "Timeout" in msg and msg.endswith(f"repo acme/none@main is not in the offline cache {silent_hub}"), msg
+
+
+def test_offline_with_an_empty_cache_names_the_repo_and_the_cache(tmp_path, offline_cache):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    offline_cache(cache)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_uri("hf://acme/none", tmp_path, _ctx(tmp_path))
+    assert str(e.value) == (f"fetch.uri hf://acme/none: HF_HUB_OFFLINE is set, and repo acme/none is not in the "
+                            f"offline cache {cache}")

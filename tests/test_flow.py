@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,9 +38,10 @@ def smoke_run(tmp_path_factory):
     t1 = time.perf_counter()
     cli("run", "--smoke", state_dir=state, summary=state / "second.json")
     t2 = time.perf_counter()
-    return {"state": state, "first": json.loads((state / "first.json").read_text()),
-            "second": json.loads((state / "second.json").read_text()), "stdout": first.stdout,
-            "first_seconds": t1 - t0, "second_seconds": t2 - t1}
+    yield {"state": state, "first": json.loads((state / "first.json").read_text()),
+           "second": json.loads((state / "second.json").read_text()), "stdout": first.stdout,
+           "first_seconds": t1 - t0, "second_seconds": t2 - t1}
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def test_summary_has_the_contract_keys(smoke_run):

@@ -18,13 +18,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 from helpers import accumulated_grads, build_half_solved_base, rl_spec  # noqa: E402
 from models.engine import StepContext, read_metrics  # noqa: E402
 from models.launch import run_training  # noqa: E402
+from models.losses import grpo_loss  # noqa: E402
 from models.recipes.grpo import (  # noqa: E402
+    global_normalizer,
     grpo_step_fn,
     load_problems,
     make_global_batch,
     make_items,
 )
-from models.recipes.sft import EpochSampler  # noqa: E402
+from models.batching import EpochSampler  # noqa: E402
 from models.rl_config import GRPOConfig  # noqa: E402
 from models.rollouts import Rollout  # noqa: E402
 
@@ -32,6 +34,8 @@ TARGET = "models.recipes.grpo:train_grpo"
 METRIC_KEYS = {
     "loss", "reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy",
     "completion_length", "frac_zero_std", "frac_truncated", "frac_unjudged", "logprob_gap",
+    "sampling_rounds", "clip_low", "clip_high", "length_correct", "length_incorrect", "format_rate",
+    "marker/step_by_step", "marker/self_check",
 }
 
 
@@ -93,6 +97,56 @@ def test_config_derives_batch_and_rejects_mismatch():
         GRPOConfig(num_iterations=2, save_every=3)
 
 
+@pytest.mark.parametrize("trl,ours", [
+    ("grpo", "seq_mean_token_mean"), ("dapo", "token_mean"), ("bnpo", "token_mean"),
+    ("dr_grpo", "seq_mean_token_sum_norm"), ("token_mean", "token_mean"),
+])
+def test_trl_loss_type_names_are_stored_as_ours(trl, ours):
+    c = GRPOConfig(loss_type=trl)
+    assert c.loss_type == ours
+    assert c == GRPOConfig(loss_type=ours)  # one canonical name: one cache key
+    assert GRPOConfig.model_validate(c.model_dump()) == c
+
+
+def test_unknown_loss_type_is_an_error():
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOConfig(loss_type="sum")
+
+
+def test_trl_cispo_is_token_mean_with_the_cispo_objective():
+    c = GRPOConfig(loss_type="cispo", epsilon_high=5.0)
+    assert (c.loss_type, c.policy_loss, c.epsilon_high) == ("token_mean", "cispo", 5.0)
+    assert c == GRPOConfig(policy_loss="cispo", epsilon_high=5.0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        GRPOConfig(loss_type="cispo")  # default epsilon_high 0.28 would cap every weight below 1
+    with pytest.raises(ValueError, match="conflicts"):
+        GRPOConfig(loss_type="cispo", policy_loss="clip", epsilon_high=5.0)
+    d = GRPOConfig()
+    assert (d.importance_sampling_level, d.policy_loss, d.use_bias_correction_kl) == ("token", "clip", False)
+
+
+def test_dr_grpo_keeps_its_constant_when_groups_are_skipped():
+    # 2 groups of 2; group 1 is flat (weight 0). Completion lengths 3, 1, 2, 2; max_new_tokens L = 4.
+    items = [{"completion_ids": [7] * n, "weight": w} for n, w in [(3, 1.0), (1, 1.0), (2, 0.0), (2, 0.0)]]
+    # Dr. GRPO divides by every row (4), not the 2 kept ones; token_mean by the kept tokens 3 + 1 = 4,
+    # seq_mean_token_mean by the 2 kept non-empty rows.
+    assert global_normalizer(items, "seq_mean_token_sum_norm") == 4.0
+    assert global_normalizer(items, "token_mean") == 4.0
+    assert global_normalizer(items, "seq_mean_token_mean") == 2.0
+    # ratio 1, A = [+1, -1, 0, 0]: per-token loss -A; token sums [-3, +1, 0, 0] -> -2 / (4 rows * L 4) = -0.125
+    lp = torch.zeros(4, 4)
+    cmask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    loss_mask = cmask & torch.tensor([True, True, False, False]).unsqueeze(-1)  # skipped rows out of the mask
+    loss, _ = grpo_loss(lp, lp, adv, loss_mask, aggregation="seq_mean_token_sum_norm", constant_length=4,
+                        normalizer=global_normalizer(items, "seq_mean_token_sum_norm"))
+    assert loss.item() == pytest.approx(-0.125)
+    # TRL `dr_grpo` (GRPOTrainer._compute_loss), which keeps every row with its advantage 0:
+    # (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    trl = ((-adv.unsqueeze(-1) * torch.ones(4, 4)) * cmask).sum() / (4 * 4)
+    assert loss.item() == pytest.approx(trl.item())
+
+
 # ----------------------------------------------------------------------------- batch building
 
 
@@ -104,20 +158,41 @@ def _fake_rollouts(n_prompts, g):
 def test_make_items_advantages_by_hand():
     cfg = GRPOConfig(num_prompts=2, num_generations=4)
     problems = [{"id": "a", "prompt": "pa", "answer": "1"}, {"id": "b", "prompt": "pb", "answer": "2"}]
-    rewards = [1.0, 0.0, None, 0.0, 1.0, 1.0, 1.0, 1.0]  # None counts as 0 for the advantage
+    rewards = [1.0, 0.0, None, 0.0, 1.0, 1.0, 1.0, 1.0]  # None: out of the baseline, advantage 0 (TRL)
     items = make_items(_fake_rollouts(2, 4), problems, rewards, [r == 1.0 for r in rewards], cfg)
-    # group a: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²) / 3) = sqrt(0.25) = 0.5, eps 1e-4:
-    # A = 0.75 / 0.5001 = 1.49970, -0.25 / 0.5001 = -0.49990
-    want = [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, 0, 0, 0, 0]
+    # group a, judged [1, 0, 0]: mean 1/3, unbiased std sqrt((4/9 + 1/9 + 1/9) / 2) = sqrt(1/3) = 0.57735,
+    # eps 1e-4: A = (2/3) / 0.57745 = 1.15450, (-1/3) / 0.57745 = -0.57725, the None row 0
+    s = math.sqrt(1 / 3) + 1e-4
+    want = [2 / 3 / s, -1 / 3 / s, 0.0, -1 / 3 / s, 0, 0, 0, 0]
     assert [it["advantage"] for it in items] == pytest.approx(want, abs=1e-6)
     assert [it["prompt_id"] for it in items] == ["a"] * 4 + ["b"] * 4
     assert [it["weight"] for it in items] == [1.0] * 4 + [0.0] * 4  # group b is flat: skipped
     stats = items[0]["stats"]
     assert stats["frac_zero_std"] == 0.5 and stats["frac_unjudged"] == 1 / 8
-    # the std of the rewards as scored, None -> 0: [1, 0, 0, 0, 1, 1, 1, 1]
-    assert stats["reward_std"] == pytest.approx(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]).std().item())
+    # the std of the judged rewards only (TRL's nanstd): [1, 0, 0, 1, 1, 1, 1]
+    assert stats["reward_std"] == pytest.approx(torch.tensor([1.0, 0, 0, 1, 1, 1, 1]).std().item())
     kept = make_items(_fake_rollouts(2, 4), problems, rewards, [False] * 8, cfg.model_copy(update={"skip_zero_std_groups": False}))
     assert [it["weight"] for it in kept] == [1.0] * 8
+
+
+def test_overlong_penalty_and_masked_truncations():
+    # one group of 4, max_new_tokens 8, buffer 4: lengths 2, 6, 8, 8 -> penalties 0, (4 - 6) / 4 = -0.5, -1, -1
+    cfg = GRPOConfig(num_prompts=1, num_generations=4, max_new_tokens=8, overlong_buffer_len=4,
+                     mask_truncated_completions=True)
+    problems = [{"id": "a", "prompt": "pa", "answer": "1"}]
+    ros = [Rollout(0, s, [1, 5], [7] * n, "x", [-0.5] * n, fr)
+           for s, (n, fr) in enumerate([(2, "eos"), (6, "eos"), (8, "length"), (8, "eos")])]
+    items = make_items(ros, problems, [1.0, 1.0, 1.0, None], [True] * 4, cfg)
+    # judged rewards 1 + [0, -0.5, -1] = [1, 0.5, 0]; the None row stays unjudged
+    assert [it["reward"] for it in items] == [1.0, 0.5, 0.0, None]
+    # mean 0.5, unbiased std sqrt((0.25 + 0 + 0.25) / 2) = 0.5 -> A = [0.5, 0, -0.5] / 0.5001, None -> 0
+    assert [it["advantage"] for it in items] == pytest.approx([0.5 / 0.5001, 0.0, -0.5 / 0.5001, 0.0], abs=1e-6)
+    # the truncated row (finish_reason 'length') took part in the baseline but is out of the loss
+    assert [it["weight"] for it in items] == [1.0, 1.0, 0.0, 1.0]
+    off = make_items(ros, problems, [1.0, 1.0, 1.0, None], [True] * 4, GRPOConfig(num_prompts=1, num_generations=4))
+    assert [it["reward"] for it in off] == [1.0, 1.0, 1.0, None] and all(it["weight"] == 0.0 for it in off)
+    with pytest.raises(ValueError, match="overlong_buffer_len"):
+        GRPOConfig(max_new_tokens=8, overlong_buffer_len=8)
 
 
 def test_global_batch_is_group_contiguous_and_deterministic(base):
@@ -203,12 +278,13 @@ def test_micro_batches_sum_to_the_global_loss(base, loss_type):
     assert set(m_full) == METRIC_KEYS
     # μ = 1: ratio 1, so the loss is -Σ_i w_i A_i c_i / N with c_i the row's token sum of 1
     # (token_mean: c_i = len_i, N = Σ w_i len_i; seq_mean_token_mean: c_i = 1, N = Σ w_i;
-    # sum_norm: c_i = len_i / max_new_tokens, N = Σ w_i).
+    # sum_norm: c_i = len_i / max_new_tokens, N = 16, every row: Dr. GRPO's constant).
     lens = [len(it["completion_ids"]) for it in batch]
     w = [it["weight"] for it in batch]
     adv = [it["advantage"] for it in batch]
     c = {"token_mean": lens, "seq_mean_token_mean": [1] * 16, "seq_mean_token_sum_norm": [x / 24 for x in lens]}[loss_type]
-    n = sum(wi * li for wi, li in zip(w, lens)) if loss_type == "token_mean" else sum(w)
+    n = {"token_mean": sum(wi * li for wi, li in zip(w, lens)), "seq_mean_token_mean": sum(w),
+         "seq_mean_token_sum_norm": 16}[loss_type]
     assert m_full["loss"] == pytest.approx(-sum(wi * ai * ci for wi, ai, ci in zip(w, adv, c)) / max(n, 1), abs=1e-6)
     assert m_full["reward_mean"] == pytest.approx(sum(it["reward"] for it in batch) / 16)
     assert m_full["logprob_gap"] < 1e-4  # trainer log-probs = the sampler's behaviour log-probs
@@ -228,7 +304,15 @@ def test_kl_term_with_a_reference_model(base):
         ref.model.embed_tokens.weight.add_(0.05 * torch.randn_like(ref.model.embed_tokens.weight))
     _, m0 = grpo_step_fn(cfg0, tok.pad_token_id)(model, batch, ctx)
     _, mb = grpo_step_fn(cfg0.model_copy(update={"beta": 0.1}), tok.pad_token_id, ref)(model, batch, ctx)
-    assert m0["kl"] == 0.0 and mb["kl"] > 0
+    assert m0["kl"] == 0.0
+    # k3 (Schulman 2020) by hand: d = log pi_ref - log pi; kl = mean over kept tokens of e^d - d - 1
+    from models.recipes.grpo import collate_rollouts, completion_logprobs
+
+    with torch.no_grad():
+        cb = collate_rollouts(batch, tok.pad_token_id)
+        kept = cb["completion_mask"] & (cb["weights"] > 0).unsqueeze(-1)
+        d = (completion_logprobs(ref, cb, cfg0.temperature)[0] - completion_logprobs(model, cb, cfg0.temperature)[0])[kept]
+    assert mb["kl"] == pytest.approx((d.exp() - d - 1).mean().item(), rel=1e-5) and mb["kl"] > 0
     # token_mean over one chunk = the whole batch: loss_beta = loss_0 + beta * (mean k3 over kept tokens)
     assert mb["loss"] == pytest.approx(m0["loss"] + 0.1 * mb["kl"], rel=1e-5, abs=1e-7)
 
@@ -315,3 +399,53 @@ def test_zero3_two_ranks_match_zero0_one_rank(base):
     b, _ = load_policy(r2["output_dir"])
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mixed", ["all", "none", "not_first"])
+def test_dynamic_sampling_refills_the_batch_with_groups_whose_rewards_differ(monkeypatch, mixed):
+    """DAPO's dynamic sampling against a slow oracle: canned samples make a problem's group either
+    all correct (rewards agree: no signal) or half correct; the batch keeps the first num_prompts
+    groups that differ, drawing extra prompts from the refill stream round by round."""
+    import models.recipes.grpo as G
+    from models.chat import encode_prompt
+    from models.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    problems = [{"id": f"p{i}", "prompt": f"Q: {i}+0\nA:", "answer": str(i)} for i in range(8)]
+    by_ids = {tuple(encode_prompt(tok, p["prompt"], None)): p for p in problems}
+    cfg = GRPOConfig(num_prompts=2, num_generations=2, dynamic_sampling=True, max_sampling_rounds=3,
+                     rewards={"builtin_task": 1.0}, seed=3)
+    first = [problems[i]["id"] for i in EpochSampler(8, cfg.seed).indices(0, 2)]
+    is_mixed = {"all": lambda pid: True, "none": lambda pid: False,
+                "not_first": lambda pid: pid not in first}[mixed]
+    seeds = []
+
+    def fake_sample(model, tok_, prompts, n, params, *, seed, batch_size):
+        seeds.append(seed)
+        out = []
+        for k, ids in enumerate(prompts):
+            p = by_ids[tuple(ids)]
+            for s in range(n):
+                right = s % 2 == 0 or not is_mixed(p["id"])
+                text = f"<think>{p['answer']}+0={p['answer']}</think><answer>{p['answer'] if right else 99}</answer>"
+                out.append(Rollout(k, s, list(ids), [1, 2], text, [-0.5, -0.5], "stop"))
+        return out
+
+    monkeypatch.setattr(G, "sample", fake_sample)
+    items = G.make_global_batch(torch.nn.Linear(1, 1), tok, problems, cfg)(0)
+
+    # the oracle: round 0 draws the sampler's prompts, round r >= 1 the refill stream's next two
+    refill = EpochSampler(8, G.refill_seed(cfg.seed, 0, 0))
+    drawn, rounds = list(first), 1
+    while sum(is_mixed(pid) for pid in drawn) < 2 and rounds < 3:
+        drawn += [problems[i]["id"] for i in refill.indices((rounds - 1) * 2, 2)]
+        rounds += 1
+    keep = ([pid for pid in drawn if is_mixed(pid)][:2] + [pid for pid in drawn if not is_mixed(pid)])[:2]
+    assert [it["prompt_id"] for it in items] == [pid for pid in keep for _ in range(2)]
+    assert seeds == [G.rollout_seed(cfg.seed, 0)] + [G.refill_seed(cfg.seed, 0, r) for r in range(1, rounds)]
+    assert items[0]["stats"]["sampling_rounds"] == rounds
+    assert {"all": 1, "none": 3}.get(mixed, rounds) == rounds
+    for it in items:  # agreeing groups fill the batch at weight 0 with advantage 0
+        assert it["weight"] == (1.0 if is_mixed(it["prompt_id"]) else 0.0)
+        if not is_mixed(it["prompt_id"]):
+            assert it["advantage"] == 0.0

@@ -11,9 +11,9 @@ from models.heads import (
     CausalLMWithValueHead,
     RewardModel,
     ScalarHead,
-    last_token_index,
     position_ids_from_mask,
 )
+from models.losses import last_valid_index
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_scalar_head_shape_and_init():
 
 def test_index_helpers():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
-    assert last_token_index(mask).tolist() == [2, 4, 0]
+    assert last_valid_index(mask).tolist() == [2, 4, 0]
     # positions restart at the first real token; pads get 0
     assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 0, 0, 0, 0]]
 

@@ -115,8 +115,9 @@ MASK = t([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=B)  # row 2 fully mas
         ("seq_mean_token_mean", 3.0),  # row means [2, 4], empty row excluded -> 6 / 2
         ("seq_mean", 3.0),
         ("token_mean", 2.5),  # (1 + 2 + 3 + 4) / 4
-        ("seq_mean_token_sum_norm", 1.25),  # sums [6, 4] / 4 = [1.5, 1] -> mean 1.25
-        ("constant_length", 1.25),
+        # sums [6, 4, 0] / 4 = [1.5, 1, 0]; Dr. GRPO's constant counts every row -> 2.5 / 3
+        ("seq_mean_token_sum_norm", 2.5 / 3),
+        ("constant_length", 2.5 / 3),
     ],
 )
 def test_aggregation_modes(mode, expected):
@@ -138,6 +139,7 @@ def test_aggregation_errors_and_normalizer():
         aggregate_token_loss(LOSS, MASK, "sum")
     assert loss_normalizer(MASK, "token_mean") == 4  # valid tokens
     assert loss_normalizer(MASK, "seq_mean") == 2  # non-empty rows
+    assert loss_normalizer(MASK, "seq_mean_token_sum_norm") == 3  # every row: Dr. GRPO's constant
     # explicit normaliser replaces the count: token sum 10 / 8
     assert aggregate_token_loss(LOSS, MASK, "token_mean", normalizer=8) == 1.25
 
@@ -238,9 +240,106 @@ def test_grpo_micro_batches_equal_one_big_batch(aggregation):
     (acc_grad,) = torch.autograd.grad(total, lp)
     assert torch.allclose(total, big) and torch.allclose(acc_grad, big_grad)
 
-    # and the naive average of micro-batch means is wrong here (the test can fail)
+    # and the naive average of micro-batch means is wrong here (the test can fail); not for Dr. GRPO,
+    # whose divisor counts rows, 2 per half, so equal halves average correctly
+    if aggregation == "seq_mean_token_sum_norm":
+        return
     naive = sum(grpo_loss(lp[s], old[s], adv[s], mask[s], **{**kw, "ref_logprobs": ref[s]})[0] for s in halves) / 2
     assert not torch.allclose(naive, big)
+
+
+def test_gspo_sequence_ratio_by_hand():
+    # log-ratios [ln 2, 0] -> sequence log-ratio ln2 / 2 -> s = sqrt(2) = 1.41421, shared by both tokens
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=B)
+    kw = dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean", importance_sampling_level="sequence")
+    # A = +1: s > 1.28, the clip bites -> per token -1.28, mean -1.28, gradient 0
+    lp = t([[LN2, 0.0]], requires_grad=True)
+    loss, m = grpo_loss(lp, old, t([1.0]), mask, **kw)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.28) and torch.equal(lp.grad, torch.zeros(1, 2))
+    assert m["clip_fraction"].item() == 1.0 and m["ratio_mean"].item() == pytest.approx(math.sqrt(2))
+    # A = -1: -min(-1.41421, -1.28) = 1.41421 on both tokens, mean s; d s / d lp_t = s * (1/2) = 0.70711
+    lp = t([[LN2, 0.0]], requires_grad=True)
+    loss, _ = grpo_loss(lp, old, t([-1.0]), mask, **kw)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.sqrt(2))
+    assert torch.allclose(lp.grad, t([[math.sqrt(2) / 2, math.sqrt(2) / 2]]))
+    # token level instead: ratios [2, 1] with A = -1 -> per token [2, 1] (no clip bites), mean 1.5
+    loss, _ = grpo_loss(t([[LN2, 0.0]]), old, t([-1.0]), mask, clip_low=0.2, clip_high=0.28, aggregation="token_mean")
+    assert loss.item() == pytest.approx(1.5)
+
+
+def test_cispo_keeps_the_gradient_of_capped_tokens():
+    # ratio 0.5 / 0.25 = 2, cap 1.5, A = +1: loss = -1.5 * 1 * ln 0.5 = 1.03972, d/d lp = -1.5
+    lp = t([[math.log(0.5)]], requires_grad=True)
+    old = t([[math.log(0.25)]])
+    loss, m = grpo_loss(lp, old, t([1.0]), torch.ones(1, 1, dtype=B), clip_high=1.5, policy_loss="cispo")
+    loss.backward()
+    assert loss.item() == pytest.approx(1.5 * LN2) and lp.grad.item() == pytest.approx(-1.5)
+    assert m["clip_fraction"].item() == 1.0
+    # the PPO clip at the same ratio (1 + 0.28 < 2, A > 0) gives no gradient at all
+    _, _, grad = one_token(2.0, 1.0, clip_high=0.28)
+    assert grad == 0.0
+
+
+def test_bias_corrected_kl_by_hand():
+    # pi = 0.5, old = 0.25 (ratio 2), ref = 0.25: r = ref / pi = 0.5, k3 = 0.5 - ln 0.5 - 1 = 0.193147
+    # A = 0 so the policy term is 0; beta 1: plain 0.193147, bias-corrected 2 * 0.193147 = 0.386294
+    lp, old, ref = t([[math.log(0.5)]]), t([[math.log(0.25)]]), t([[math.log(0.25)]])
+    one = torch.ones(1, 1, dtype=B)
+    plain, _ = grpo_loss(lp, old, t([0.0]), one, ref_logprobs=ref, beta=1.0, clip_high=1.5)
+    corrected, m = grpo_loss(lp, old, t([0.0]), one, ref_logprobs=ref, beta=1.0, clip_high=1.5, use_bias_correction_kl=True)
+    assert plain.item() == pytest.approx(0.193147, abs=1e-6)
+    assert corrected.item() == pytest.approx(0.386294, abs=1e-6)
+    assert m["kl"].item() == pytest.approx(0.193147, abs=1e-6)  # the monitor stays plain k3
+
+
+def _trl_loss(lp, old, ref, adv, mask, *, eps_low, eps_high, beta, level, loss_type, bias_kl):
+    """TRL's GRPOTrainer._compute_loss arithmetic ('dapo' / 'cispo', one process, no accumulation),
+    written out as an independent oracle."""
+    mask = mask.float()
+    adv = adv.unsqueeze(1)
+    log_ratio = lp - old
+    if level == "token":
+        log_iw = log_ratio
+    else:
+        log_iw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_iw)
+    per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+    if bias_kl:
+        per_token_kl = per_token_kl * coef_1
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    per_token_loss = per_token_loss + beta * per_token_kl
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+@pytest.mark.parametrize("bias_kl", [False, True])
+def test_grpo_variants_match_trl(level, loss_type, bias_kl):
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(3, 5, generator=g) - 0.1
+    ref = -torch.rand(3, 5, generator=g) - 0.1
+    adv = torch.randn(3, generator=g)
+    mask = t([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=B)
+    base = (old + 0.4 * torch.randn(3, 5, generator=g)).masked_fill(~mask, -1.0)  # finite padding for TRL
+    eps_high = 1.2 if loss_type == "cispo" else 0.28
+    lp = base.clone().requires_grad_()
+    ours, _ = grpo_loss(lp, old, adv, mask, clip_low=0.2, clip_high=eps_high, ref_logprobs=ref, beta=0.05,
+                        aggregation="token_mean", importance_sampling_level=level,
+                        policy_loss="cispo" if loss_type == "cispo" else "clip", use_bias_correction_kl=bias_kl)
+    (g_ours,) = torch.autograd.grad(ours, lp)
+    lp = base.clone().requires_grad_()
+    trl = _trl_loss(lp, old, ref, adv, mask, eps_low=0.2, eps_high=eps_high, beta=0.05, level=level,
+                    loss_type=loss_type, bias_kl=bias_kl)
+    (g_trl,) = torch.autograd.grad(trl, lp)
+    assert torch.allclose(ours, trl, atol=1e-6)
+    assert torch.allclose(g_ours * mask, g_trl * mask, atol=1e-6)
 
 
 # ---------------------------------------------------------------- PPO

@@ -53,8 +53,13 @@ def write_record(state: Path, flow_run_id: str, status: str, pid: int, **extra) 
 
 
 def test_prefect_yaml_names_every_recipe_and_the_nightly_cron():
+    from models.config import RECIPES_DIR
+
     ds = {d["name"]: d for d in load_deployments()}
-    assert set(ds) == {"r1", "r1-zero", "tulu3", "rlhf", "r1-smoke", "r1-nightly"}
+    recipes = {p.stem for p in RECIPES_DIR.glob("*.yaml")}
+    assert {"r1", "r1-zero", "tulu3", "rlhf", "smollm2-r1", "r1-multi", "distill", "rl-ablation"} <= recipes
+    assert set(ds) == recipes | {"r1-smoke", "r1-nightly"}
+    assert all(ds[r]["parameters"] == {"recipe": r, "overrides": [], "smoke": False} for r in recipes)
     assert all(d["work_pool"]["name"] == "posttrain-process" for d in ds.values())
     assert ds["r1-smoke"]["parameters"] == {"recipe": "r1", "overrides": [], "smoke": True}
     assert ds["r1-nightly"]["schedules"][0]["cron"] == "0 3 * * *"
@@ -64,6 +69,39 @@ def test_prefect_yaml_names_every_recipe_and_the_nightly_cron():
     assert [d["name"] for d in select(list(ds.values()), ["r1-smoke"])] == ["r1-smoke"]
     with pytest.raises(ValueError, match="unknown deployment"):
         select(list(ds.values()), ["nope"])
+
+
+def test_run_record_updates_from_parallel_branches_all_land(tmp_path):
+    """Branches of a graph run (max_parallel_stages) update one record from threads of one process:
+    every update lands whole, and no temp file is left."""
+    import threading
+
+    runs.record_start(tmp_path, "fr", {}, None, "r")
+    names = [f"k{i}" for i in range(16)]
+    threads = [threading.Thread(target=lambda n=n: [runs.update(tmp_path, "fr", **{n: j}) for j in range(20)])
+               for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    record = json.loads((tmp_path / "runs" / "fr.json").read_text())
+    assert {n: record.get(n) for n in names} == {n: 19 for n in names}
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["fr.json"]
+
+
+def test_a_record_write_that_hits_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
+    runs.record_start(tmp_path, "f-1", {}, None, "r1")
+    before = (tmp_path / "runs" / "f-1.json").read_text()
+
+    def full(self, text, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        runs.update(tmp_path, "f-1", status="FAILED")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["f-1.json"]
+    assert (tmp_path / "runs" / "f-1.json").read_text() == before
 
 
 def test_runs_json_lists_records_and_a_dead_pid_reads_crashed(tmp_path):
@@ -113,7 +151,8 @@ def test_cli_turns_enospc_in_the_flow_into_advice(tmp_path, monkeypatch, capsys)
         runs.record_end(tmp_path, "flow-1", "FAILED", "OSError: [Errno 28] No space left on device")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setitem(sys.modules, "flows.post_train", types.SimpleNamespace(post_train=post_train))
+    monkeypatch.setitem(sys.modules, "flows.post_train",
+                        types.SimpleNamespace(post_train=post_train, preflight=lambda cfg, state_dir: None))
     monkeypatch.setitem(sys.modules, "flows.report", types.SimpleNamespace(print_table=print))
     rc = cli_mod.execute_flow({"recipe": "r1", "state_dir": str(tmp_path)}, None, None)
     err = capsys.readouterr().err

@@ -28,6 +28,8 @@ METRIC_KEYS = {
     "loss", "pg_loss", "vf_loss", "clip_fraction", "approx_kl", "vf_clip_fraction", "value_mean", "entropy",
     "kl", "reward_mean", "score_mean", "accuracy", "completion_length", "frac_truncated", "logprob_gap",
     "advantage_std", "explained_variance", "frac_unjudged",
+    "clip_low", "clip_high", "length_correct", "length_incorrect", "format_rate", "marker/step_by_step",
+    "marker/self_check",
 }
 
 
@@ -288,10 +290,24 @@ def test_train_refuses_without_any_score(base, tmp_path):
         run_training(TARGET, spec_for(base, tmp_path / "w", rewards={}), 1, tmp_path / "w")
 
 
-def test_ppo_epochs_and_value_lr_multiplier_train(base):
+def test_ppo_epochs_and_value_lr_multiplier_train(base, monkeypatch):
+    optimizers = []
+
+    class RecordingAdamW(torch.optim.AdamW):  # the optimizer run_loop builds, kept for its param groups
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     workdir = base["root"] / "epochs"
     res = run_training(TARGET, spec_for(base, workdir, max_steps=4, save_every=2, ppo_epochs=2,
                                         value_lr_multiplier=10.0), 1, workdir)
+    # two groups: the policy at lr 1e-3, the value head at 1e-3 * 10 = 1e-2 (before the schedule scales both)
+    (opt,) = optimizers
+    policy, head = opt.param_groups
+    assert policy["initial_lr"] == pytest.approx(1e-3) and head["initial_lr"] == pytest.approx(1e-2)
+    assert head["lr"] == pytest.approx(10 * policy["lr"])
+    assert [p.shape[0] for p in head["params"]] == [1, 1]  # the value head: Linear(hidden, 1) weight and bias
     metrics = read_metrics(res["metrics_path"])
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     # epochs 1 and 2 of a batch see the same rollouts; the second starts off-policy (ratio != 1)

@@ -37,16 +37,23 @@ from pathlib import Path
 
 import torch
 
-from models.advantages import group_relative_advantages
+from models.advantages import group_relative_advantages, soft_overlong_penalty
+from models.batching import EpochSampler, collate_completions
+from models.chat import problem_prompt_ids, prompt_text
+from models.checkpoints import save_hf_dir
+from models.device import device_of, to_device
 from models.engine import StepContext, run_loop
 from models.logprobs import entropy_from_logits, masked_sum, token_logprobs
+from models.lora import prepare_backbone
 from models.losses import grpo_loss
 from models.packing import packed_logits, verify as verify_packing
+from models.reasoning import chunk_metrics, marker_flags
 from models.recipes.rollout_common import (
     load_causal_lm,
     load_problems,
     logs_batch,
     pad_token_id,
+    reference_policy,
     resolve_problems,
     rollout_logger,
     rollout_result,
@@ -56,12 +63,12 @@ from models.recipes.rollout_common import (
     truncate_rollout_log,
     zero3_shadow,
 )
-from models.recipes.sft import EpochSampler, save_hf_dir
 from models.rewards import combine_rewards
+from models.rewards.format import has_think_answer_format
 from models.rl_config import GRPOConfig
 from models.rollouts import SamplingParams, sample
 
-BATCH_STATS = ("reward_std", "frac_zero_std", "frac_unjudged")
+BATCH_STATS = ("reward_std", "frac_zero_std", "frac_unjudged", "sampling_rounds")
 
 
 # ----------------------------------------------------------------------------- batch building
@@ -73,7 +80,7 @@ def score_rollouts(rollouts, problems: list[dict], reward_fn, accuracy_key: str 
     rewards, correct = [], []
     for r in rollouts:
         p = problems[r.prompt_index]
-        total, parts = reward_fn(p["prompt"], r.completion_text, p["answer"])
+        total, parts = reward_fn(prompt_text(p["prompt"]), r.completion_text, p["answer"])
         judged = parts.get(accuracy_key) if accuracy_key else total
         rewards.append(total)
         correct.append(judged is not None and judged >= 1.0)
@@ -84,17 +91,28 @@ def make_items(rollouts, problems: list[dict], rewards: list, correct: list, cfg
     """One training item per rollout, in the rollouts' group-contiguous order.
 
     rollouts: len n_prompts * G, rows [k*G, (k+1)*G) are prompt k's samples; problems[i] is the
-    problem of prompt_index i. An unjudged reward (None) counts as 0 for the advantage.
+    problem of prompt_index i. With `overlong_buffer_len` the soft overlong penalty is added to each
+    judged reward; with `mask_truncated_completions` a truncated completion gets weight 0 (after it
+    took part in its group's advantages). An unjudged reward (None) is left out of its group's baseline and
+    gets advantage 0 (TRL's convention, see `group_relative_advantages`).
     Every item carries the batch statistics in `stats`; step_fn counts them once (from item 0).
     """
     g = cfg.num_generations
-    scores = torch.tensor([0.0 if r is None else float(r) for r in rewards], dtype=torch.float32)
+    if cfg.overlong_buffer_len:  # DAPO eq. 13, on judged rewards
+        rewards = [
+            None if r is None else r + soft_overlong_penalty(
+                len(ro.completion_ids), cfg.max_new_tokens, cfg.overlong_buffer_len, cfg.overlong_penalty_factor)
+            for r, ro in zip(rewards, rollouts)
+        ]
+    scores = torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
     adv, zero_std = group_relative_advantages(scores, g, cfg.scale_rewards)
     n = len(rollouts)
+    judged = scores[~torch.isnan(scores)]
     stats = {
-        "reward_std": float(scores.std()) if n > 1 else 0.0,
+        "reward_std": float(judged.std()) if judged.numel() > 1 else 0.0,
         "frac_zero_std": float(zero_std.float().mean()),
         "frac_unjudged": sum(r is None for r in rewards) / n,
+        "sampling_rounds": 1.0,  # dynamic sampling's rounds for this batch (set by make_global_batch)
     }
     items = []
     for i, ro in enumerate(rollouts):
@@ -111,10 +129,57 @@ def make_items(rollouts, problems: list[dict], rewards: list, correct: list, cfg
             "reward": rewards[i],
             "correct": bool(correct[i]),
             "advantage": float(adv[i]),
-            "weight": 0.0 if (cfg.skip_zero_std_groups and bool(zero_std[i])) else 1.0,
+            "formatted": has_think_answer_format(ro.completion_text),
+            "markers": marker_flags(ro.completion_text, cfg.reasoning_markers),
+            "weight": 0.0 if ((cfg.skip_zero_std_groups or cfg.dynamic_sampling) and bool(zero_std[i]))
+            or (cfg.mask_truncated_completions and ro.finish_reason == "length") else 1.0,
             "stats": stats,
         })
     return items
+
+
+# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+
+
+def refill_seed(seed: int, step: int, round_no: int) -> int:
+    """Sampling seed of dynamic sampling's extra round `round_no` (>= 1) of a step; (seed, 0, 0)
+    seeds the order of the extra prompts."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, round_no]).generate_state(1)[0])
+
+
+def split_groups(picked: list[dict], rollouts, rewards: list, correct: list, g: int) -> list[tuple]:
+    """[(problem, its G rollouts, their rewards, their correctness)] in prompt order."""
+    return [(p, rollouts[k * g:(k + 1) * g], rewards[k * g:(k + 1) * g], correct[k * g:(k + 1) * g])
+            for k, p in enumerate(picked)]
+
+
+def informative(group: tuple) -> bool:
+    """Whether a group's judged rewards differ (at least two judged, not all equal): it has signal."""
+    judged = [r for r in group[2] if r is not None]
+    return len(judged) > 1 and max(judged) > min(judged)
+
+
+def fill_batch(groups: list[tuple], n: int) -> list[tuple]:
+    """`n` groups: the informative ones in the order they were sampled, then, if too few, the first
+    agreeing ones (they get weight 0 in make_items, as with skip_zero_std_groups)."""
+    chosen = [grp for grp in groups if informative(grp)][:n]
+    chosen += [grp for grp in groups if not informative(grp)][: n - len(chosen)]
+    return chosen
+
+
+def join_groups(groups: list[tuple]):
+    """(picked, rollouts, rewards, correct) of the groups, rollouts re-indexed to their new prompt."""
+    from dataclasses import replace
+
+    picked, rollouts, rewards, correct = [], [], [], []
+    for k, (p, ros, rs, cs) in enumerate(groups):
+        picked.append(p)
+        rollouts += [replace(r, prompt_index=k) for r in ros]
+        rewards += rs
+        correct += cs
+    return picked, rollouts, rewards, correct
 
 
 def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, shadow=None, on_batch=None):
@@ -126,16 +191,34 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
         stop_strings=tuple(cfg.stop_strings),
     )
+    prompt_ids = problem_prompt_ids(tokenizer, cfg.chat_template)
+
+    refill = EpochSampler(len(problems), refill_seed(cfg.seed, 0, 0))  # dynamic sampling's extra prompts
+    g = cfg.num_generations
+
+    def draw(picked: list[dict], seed: int):
+        with sampling_policy(model, shadow) as policy:
+            rollouts = sample(
+                policy, tokenizer, [prompt_ids(p) for p in picked], g, params,
+                seed=seed, batch_size=cfg.rollout_batch_size,
+            )
+        rewards, correct = score_rollouts(rollouts, picked, reward_fn, accuracy_key)
+        return rollouts, rewards, correct
 
     def build(step: int, batch_no: int) -> list[dict]:  # prompts advance once per rollout batch
         picked = [problems[i] for i in sampler.indices(batch_no * cfg.num_prompts, cfg.num_prompts)]
-        with sampling_policy(model, shadow) as policy:
-            rollouts = sample(
-                policy, tokenizer, [p["prompt"] for p in picked], cfg.num_generations, params,
-                seed=rollout_seed(cfg.seed, step), batch_size=cfg.rollout_batch_size,
-            )
-        rewards, correct = score_rollouts(rollouts, picked, reward_fn, accuracy_key)
+        rollouts, rewards, correct = draw(picked, rollout_seed(cfg.seed, step))
+        rounds = 1
+        if cfg.dynamic_sampling:
+            groups = split_groups(picked, rollouts, rewards, correct, g)
+            extra = (batch_no * (cfg.max_sampling_rounds - 1)) * cfg.num_prompts
+            while sum(informative(grp) for grp in groups) < cfg.num_prompts and rounds < cfg.max_sampling_rounds:
+                more = [problems[i] for i in refill.indices(extra + (rounds - 1) * cfg.num_prompts, cfg.num_prompts)]
+                groups += split_groups(more, *draw(more, refill_seed(cfg.seed, step, rounds)), g)
+                rounds += 1
+            picked, rollouts, rewards, correct = join_groups(fill_batch(groups, cfg.num_prompts))
         items = make_items(rollouts, picked, rewards, correct, cfg)
+        items[0]["stats"]["sampling_rounds"] = float(rounds)
         if on_batch is not None:
             on_batch(step, items)
         return items
@@ -150,28 +233,19 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: GRPOConfig, s
 def collate_rollouts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad prompt + completion. Masks and behaviour log-probs are aligned with the *shifted*
     labels (input_ids[:, 1:]): completion token j of a P-token prompt sits at shifted index P-1+j."""
-    n = max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items)
-    b = len(items)
-    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, n), dtype=torch.long)
-    cmask = torch.zeros((b, n - 1), dtype=torch.bool)
-    behaviour = torch.zeros((b, n - 1), dtype=torch.float32)
-    for i, it in enumerate(items):
-        p, c = len(it["prompt_ids"]), len(it["completion_ids"])
-        input_ids[i, : p + c] = torch.tensor(it["prompt_ids"] + it["completion_ids"])
-        attn[i, : p + c] = 1
-        cmask[i, p - 1 : p - 1 + c] = True
-        behaviour[i, p - 1 : p - 1 + c] = torch.tensor(it["behaviour_logprobs"], dtype=torch.float32)
-    return {
-        "input_ids": input_ids, "attention_mask": attn, "completion_mask": cmask, "behaviour": behaviour,
-        "advantages": torch.tensor([it["advantage"] for it in items], dtype=torch.float32),
-        "weights": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
-    }
+    out = collate_completions([it["prompt_ids"] for it in items], [it["completion_ids"] for it in items], pad_id,
+                              {"behaviour": [it["behaviour_logprobs"] for it in items]})
+    out["advantages"] = torch.tensor([it["advantage"] for it in items], dtype=torch.float32)
+    out["weights"] = torch.tensor([it["weight"] for it in items], dtype=torch.float32)
+    return out
 
 
 def global_normalizer(items: list[dict], loss_type: str) -> float:
     """`models.losses.loss_normalizer` of the whole global batch's loss mask, from lengths alone:
-    completion tokens of weighted rows (token_mean) or weighted non-empty rows (seq_mean...)."""
+    completion tokens of weighted rows (token_mean), weighted non-empty rows (seq_mean_token_mean),
+    or every row (seq_mean_token_sum_norm: Dr. GRPO's constant, whatever rows were dropped)."""
+    if loss_type == "seq_mean_token_sum_norm":
+        return float(len(items))
     kept = [len(it["completion_ids"]) for it in items if it["weight"] > 0]
     return float(sum(kept)) if loss_type == "token_mean" else float(sum(1 for c in kept if c > 0))
 
@@ -203,6 +277,7 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
     def step(engine, chunk: list[dict], ctx: StepContext):
         gb = ctx.global_batch
         n_seq = len(gb)
+        n_judged = max(1, sum(it["reward"] is not None for it in gb))
         norm = global_normalizer(gb, cfg.loss_type)
         kept_tokens = max(1, sum(len(it["completion_ids"]) for it in gb if it["weight"] > 0))
         all_tokens = max(1, sum(len(it["completion_ids"]) for it in gb))
@@ -211,7 +286,7 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
         idle = [it for it in chunk if it["weight"] <= 0]
         if not live or not idle or _forward_counts_must_match(engine, ctx):
             live, idle = chunk, []
-        batch = collate_rollouts(live, pad_id)
+        batch = to_device(collate_rollouts(live, pad_id), device_of(engine))
         logprobs, logits = completion_logprobs(engine, batch, cfg.temperature)
         cmask = batch["completion_mask"]
         loss_mask = cmask & (batch["weights"] > 0).unsqueeze(-1)
@@ -225,13 +300,15 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
             logprobs, old, batch["advantages"], loss_mask,
             clip_low=cfg.epsilon, clip_high=cfg.epsilon_high, ref_logprobs=ref, beta=cfg.beta,
             aggregation=cfg.loss_type, constant_length=cfg.max_new_tokens, normalizer=norm,
+            importance_sampling_level=cfg.importance_sampling_level, policy_loss=cfg.policy_loss,
+            use_bias_correction_kl=cfg.use_bias_correction_kl,
         )
         with torch.no_grad():
             # Entropy of the sampled distribution, from the same forward pass.
             entropy = masked_sum(entropy_from_logits(logits.detach() / cfg.temperature), cmask)
             gap = masked_sum((logprobs.detach() - batch["behaviour"]).abs(), cmask)
             if idle:
-                ib = collate_rollouts(idle, pad_id)
+                ib = to_device(collate_rollouts(idle, pad_id), device_of(engine))
                 ilp, ilogits = completion_logprobs(engine, ib, cfg.temperature)
                 entropy = entropy + masked_sum(entropy_from_logits(ilogits / cfg.temperature), ib["completion_mask"])
                 gap = gap + masked_sum((ilp - ib["behaviour"]).abs(), ib["completion_mask"])
@@ -240,12 +317,15 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
             "loss": float(loss.detach()),
             "kl": float(m["kl"]) * share,
             "clip_fraction": float(m["clip_fraction"]) * share,
+            "clip_low": float(m["clip_low_fraction"]) * share,
+            "clip_high": float(m["clip_high_fraction"]) * share,
             "entropy": float(entropy) / all_tokens,
             "logprob_gap": float(gap) / all_tokens,
-            "reward_mean": sum(0.0 if it["reward"] is None else it["reward"] for it in chunk) / n_seq,
+            "reward_mean": sum(it["reward"] for it in chunk if it["reward"] is not None) / n_judged,
             "accuracy": sum(it["correct"] for it in chunk) / n_seq,
             "completion_length": sum(len(it["completion_ids"]) for it in chunk) / n_seq,
             "frac_truncated": sum(it["finish_reason"] == "length" for it in chunk) / n_seq,
+            **chunk_metrics(chunk, gb),
         }
         # Batch-level statistics once per step: from the chunk that holds item 0.
         first = chunk[0]["index"] == 0
@@ -268,7 +348,7 @@ def rollout_rows(step: int, items: list[dict], cfg: GRPOConfig) -> list[dict]:
     keep = items[: cfg.log_rollouts * cfg.num_generations]
     return [
         {
-            "step": step + 1, "prompt_id": it["prompt_id"], "prompt": it["prompt"],
+            "step": step + 1, "prompt_id": it["prompt_id"], "prompt": prompt_text(it["prompt"]),
             "completion": it["completion_text"],
             "reward": None if it["reward"] is None else float(it["reward"]),
             "advantage": it["advantage"], "length": len(it["completion_ids"]),
@@ -291,12 +371,12 @@ def train_grpo(spec: dict, on_log=None) -> dict:
     problems = resolve_problems(spec, cfg, "train_grpo")
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
-    model = load_causal_lm(spec["base_path"])
+    model = prepare_backbone(load_causal_lm(spec["base_path"]), cfg)  # LoRA / gradient checkpointing
     pad_id = pad_token_id(tokenizer)
 
     shadow = zero3_shadow(model, cfg)
-    # the frozen start policy; never loaded for beta = 0
-    ref_model = load_causal_lm(spec["base_path"], frozen=True) if cfg.beta > 0 else None
+    # the frozen start policy (LoRA: the policy with adapters off); none for beta = 0
+    ref_model = reference_policy(model, spec["base_path"], cfg) if cfg.beta > 0 else None
 
     rollouts_path, log_batch = rollout_logger(
         workdir, lambda step: should_log_rollouts(step, cfg), lambda step, items: rollout_rows(step, items, cfg)

@@ -41,17 +41,23 @@ import torch
 from safetensors.torch import save_file
 
 from models.advantages import gae
+from models.batching import EpochSampler, collate_completions
+from models.checkpoints import save_hf_dir
+from models.chat import problem_prompt_ids, prompt_text
+from models.device import device_of, to_device
 from models.engine import StepContext, run_loop
 from models.heads import CausalLMWithValueHead
 from models.kl import kl_estimate
 from models.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
+from models.lora import prepare_backbone
 from models.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from models.ppo_config import PPOConfig
-from models.recipes.rollout_common import (load_causal_lm, logs_batch, pad_token_id, resolve_problems,
-                                           reused_batches, rollout_logger, rollout_result, rollout_seed,
+from models.reasoning import chunk_metrics, marker_flags
+from models.recipes.rollout_common import (load_causal_lm, logs_batch, pad_token_id, reference_policy,
+                                           resolve_problems, reused_batches, rollout_logger, rollout_result, rollout_seed,
                                            sampling_policy, zero3_shadow)
-from models.recipes.sft import EpochSampler, save_hf_dir
 from models.rewards import combine_rewards
+from models.rewards.format import has_think_answer_format
 from models.rollouts import SamplingParams, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -92,22 +98,8 @@ def ppo_targets(
 def collate_ppo(items: list[dict], pad_id: int, fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Right-pad prompt + completion. Per-token `fields` and the completion mask are aligned with
     the *shifted* labels (input_ids[:, 1:]): completion token j of a P-token prompt sits at P-1+j."""
-    n = max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in items)
-    b = len(items)
-    out = {
-        "input_ids": torch.full((b, n), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((b, n), dtype=torch.long),
-        "completion_mask": torch.zeros((b, n - 1), dtype=torch.bool),
-    }
-    out.update({f: torch.zeros((b, n - 1), dtype=torch.float32) for f in fields})
-    for i, it in enumerate(items):
-        p, c = len(it["prompt_ids"]), len(it["completion_ids"])
-        out["input_ids"][i, : p + c] = torch.tensor(it["prompt_ids"] + it["completion_ids"])
-        out["attention_mask"][i, : p + c] = 1
-        out["completion_mask"][i, p - 1 : p - 1 + c] = True
-        for f in fields:
-            out[f][i, p - 1 : p - 1 + c] = torch.tensor(it[f], dtype=torch.float32)
-    return out
+    return collate_completions([it["prompt_ids"] for it in items], [it["completion_ids"] for it in items], pad_id,
+                               {f: [it[f] for it in items] for f in fields})
 
 
 def policy_forward(module, batch: dict, temperature: float):
@@ -139,7 +131,7 @@ def score_completions(rollouts, problems, cfg: PPOConfig, reward_fn, reward_scor
         key = "builtin_task" if "builtin_task" in cfg.rewards else None
         for i, r in enumerate(rollouts):
             p = problems[r.prompt_index]
-            total, parts = reward_fn(p["prompt"], r.completion_text, p["answer"])
+            total, parts = reward_fn(prompt_text(p["prompt"]), r.completion_text, p["answer"])
             judged = parts.get(key) if key else total
             verifier[i] = 0.0 if total is None else float(total)
             correct[i], unjudged[i] = judged is not None and judged >= 1.0, total is None
@@ -160,11 +152,12 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                             top_k=0, stop_strings=tuple(cfg.stop_strings))
     pad_id = pad_token_id(tokenizer)
+    prompt_ids = problem_prompt_ids(tokenizer, cfg.chat_template)
 
     def build(step: int, rollout_index: int) -> list[dict]:
         picked = [problems[i] for i in sampler.indices(rollout_index * cfg.num_prompts, cfg.num_prompts)]
         with sampling_policy(model, shadow) as policy, torch.no_grad():
-            rollouts = sample(policy.pretrained_model, tokenizer, [p["prompt"] for p in picked],
+            rollouts = sample(policy.pretrained_model, tokenizer, [prompt_ids(p) for p in picked],
                               cfg.num_generations, params, seed=rollout_seed(cfg.seed, rollout_index),
                               batch_size=cfg.rollout_batch_size)
             items = [{"index": i, "prompt_ids": list(r.prompt_ids), "completion_ids": list(r.completion_ids),
@@ -174,7 +167,7 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
             cols: dict[str, list[torch.Tensor]] = {"lp": [], "ref": [], "val": []}
             for s in range(0, len(items), cfg.micro_batch_size):  # the training chunks' padding
                 chunk = items[s : s + cfg.micro_batch_size]
-                batch = collate_ppo(chunk, pad_id)
+                batch = to_device(collate_ppo(chunk, pad_id), device_of(policy))
                 lp, val, _ = policy_forward(policy, batch, cfg.temperature)
                 ref = lp
                 if ref_model is not None:
@@ -183,10 +176,10 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
                 for key, x in (("lp", lp), ("ref", ref), ("val", val)):
                     cols[key].append(_completion_rows(x, chunk, width))
         lp, ref, val = (torch.cat(cols[k]) for k in ("lp", "ref", "val"))
-        lengths = torch.tensor([len(it["completion_ids"]) for it in items])
-        mask = torch.arange(width)[None, :] < lengths[:, None]
+        lengths = torch.tensor([len(it["completion_ids"]) for it in items], device=lp.device)
+        mask = torch.arange(width, device=lp.device)[None, :] < lengths[:, None]
         scores, correct, unjudged = score_completions(rollouts, picked, cfg, reward_fn, reward_scorer)
-        t = ppo_targets(torch.tensor(scores), lp, ref, val, mask, cfg)
+        t = ppo_targets(torch.tensor(scores, device=lp.device), lp, ref, val, mask, cfg)
         raw = t["raw_advantages"][mask]
         resid_var = (t["returns"] - val)[mask].var() if raw.numel() > 1 else torch.tensor(0.0)
         ret_var = t["returns"][mask].var() if raw.numel() > 1 else torch.tensor(0.0)
@@ -203,7 +196,9 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
             it.update(row, prompt_id=p["id"], prompt=p["prompt"], completion_text=ro.completion_text,
                       finish_reason=ro.finish_reason, score=scores[i], correct=bool(correct[i]),
                       old_logprobs=lp[i, :c].tolist(), ref_logprobs=ref[i, :c].tolist(),
-                      old_values=val[i, :c].tolist(), kl=float(t["kl"][i].sum()), stats=stats)
+                      old_values=val[i, :c].tolist(), kl=float(t["kl"][i].sum()), stats=stats,
+                      formatted=has_think_answer_format(ro.completion_text),
+                      markers=marker_flags(ro.completion_text, cfg.reasoning_markers))
         if on_batch is not None:
             on_batch(step, items)
         return items
@@ -222,7 +217,7 @@ def ppo_step_fn(cfg: PPOConfig, pad_id: int):
         n_seq = len(gb)
         n_tok = max(1, sum(len(it["completion_ids"]) for it in gb))  # the global token_mean normaliser
 
-        batch = collate_ppo(chunk, pad_id, TOKEN_FIELDS)
+        batch = to_device(collate_ppo(chunk, pad_id, TOKEN_FIELDS), device_of(engine))
         logprobs, values, logits = policy_forward(engine, batch, cfg.temperature)
         mask = batch["completion_mask"]
         pg, pm = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
@@ -241,6 +236,8 @@ def ppo_step_fn(cfg: PPOConfig, pad_id: int):
             "pg_loss": float(pg.detach()),
             "vf_loss": float(vf.detach()),
             "clip_fraction": float(pm["clip_fraction"]) * share,
+            "clip_low": float(pm["clip_low_fraction"]) * share,
+            "clip_high": float(pm["clip_high_fraction"]) * share,
             "approx_kl": float(pm["approx_kl"]) * share,
             "vf_clip_fraction": float(vm["vf_clip_fraction"]) * share,
             "value_mean": float(value_sum) / n_tok,
@@ -253,6 +250,7 @@ def ppo_step_fn(cfg: PPOConfig, pad_id: int):
             "frac_truncated": sum(it["finish_reason"] == "length" for it in chunk) / n_seq,
             # trainer-side old log-probs vs the sampler's (~0 at top_p = 1): checks the alignment
             "logprob_gap": gap / n_tok,
+            **chunk_metrics(chunk, ctx.global_batch),
         }
         first = chunk[0]["index"] == 0  # batch-level statistics once per step
         metrics.update({k: (chunk[0]["stats"][k] if first else 0.0) for k in BATCH_STATS})
@@ -281,7 +279,7 @@ def rollout_rows(step: int, items: list[dict], cfg: PPOConfig) -> list[dict]:
     """Rows of the rollout sample (data_contracts.rollouts columns plus step and finish_reason);
     `advantage` is the row's mean (whitened) token advantage, `reward` its sequence score."""
     return [
-        {"step": step + 1, "prompt_id": it["prompt_id"], "prompt": it["prompt"],
+        {"step": step + 1, "prompt_id": it["prompt_id"], "prompt": prompt_text(it["prompt"]),
          "completion": it["completion_text"], "reward": float(it["score"]),
          "advantage": sum(it["advantages"]) / max(1, len(it["advantages"])),
          "length": len(it["completion_ids"]), "finish_reason": it["finish_reason"]}
@@ -310,12 +308,12 @@ def train_ppo(spec: dict, on_log=None) -> dict:
     problems = resolve_problems(spec, cfg, "train_ppo")
     torch.manual_seed(cfg.seed)  # fixes the value head's init
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
-    model = CausalLMWithValueHead(load_causal_lm(spec["base_path"]), cfg.value_head_init)
+    model = CausalLMWithValueHead(prepare_backbone(load_causal_lm(spec["base_path"]), cfg), cfg.value_head_init)
     pad_id = pad_token_id(tokenizer)
 
     shadow = zero3_shadow(model, cfg)
-    # the frozen start policy
-    ref_model = load_causal_lm(spec["base_path"], frozen=True) if cfg.kl_coef > 0 else None
+    # the frozen start policy (LoRA: the policy with adapters off)
+    ref_model = reference_policy(model.pretrained_model, spec["base_path"], cfg) if cfg.kl_coef > 0 else None
     reward_scorer = None
     if rm_path:
         from models.recipes.reward_model import load_reward_scorer

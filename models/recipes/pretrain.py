@@ -10,7 +10,9 @@ from __future__ import annotations
 from models import builtin_task
 from models.config import PretrainConfig, TaskConfig
 from models.engine import run_loop
-from models.recipes.sft import EpochSampler, lm_step_fn
+from models.lora import prepare_backbone
+from models.batching import EpochSampler
+from models.lm_loss import lm_step_fn
 from models.tiny_model import build_tiny_model, save_hf
 from models.tokenizer import build_tokenizer
 
@@ -50,6 +52,7 @@ def train_pretrain(spec: dict, on_log=None) -> dict:
         num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
     )
+    prepare_backbone(model, cfg)  # gradient checkpointing if asked (PretrainConfig refuses lora)
     torch.manual_seed(cfg.seed)
     blocks = pack_documents(corpus(task), tokenizer, cfg.seq_len)
     sampler = EpochSampler(len(blocks), cfg.seed)

@@ -27,24 +27,22 @@ from typing import Callable
 
 import torch
 
-from models.engine import StepContext, run_loop
+from models.batching import EpochSampler, pad_right
+from models.chat import completion_end
+from models.device import device_of, to_device, training_device
+from models.engine import StepContext, loop_result, run_loop
 from models.heads import RewardModel
+from models.lora import ADAPTER_DIR, has_adapters, prepare_backbone, save_adapter
 from models.losses import bradley_terry_loss
 from models.pref_config import RewardModelConfig
-from models.recipes.dpo import PAIRS_FILE, encode_sequence, loop_result, prepare_pairs, tokenize_pairs
-from models.recipes.sft import EpochSampler
+from models.preference_pairs import PAIRS_FILE, encode_sequence, prepare_pairs, tokenize_pairs
 
 REWARD_MODEL_KIND = "reward_model"
 
 
 def collate_scored(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token rows: input_ids, attention_mask (B, T). RewardModel reads the last 1 of the mask."""
-    n = max(len(ids) for ids in seqs)
-    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, ids in enumerate(seqs):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
+    input_ids, attn = pad_right(seqs, pad_id)
     return {"input_ids": input_ids, "attention_mask": attn}
 
 
@@ -55,12 +53,13 @@ def reward_step_fn(cfg: RewardModelConfig, pad_id: int):
     def step(engine, chunk: list[dict], ctx: StepContext):
         n_pairs = len(ctx.global_batch)
         b = len(chunk)
-        batch = collate_scored([it["chosen"][0] for it in chunk] + [it["rejected"][0] for it in chunk], pad_id)
+        batch = to_device(collate_scored([it["chosen"][0] for it in chunk] + [it["rejected"][0] for it in chunk], pad_id),
+                          device_of(engine))
         scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (2b,)
         s_c, s_r = scores[:b], scores[b:]
         margin = None
         if any(it["margin"] is not None for it in chunk):  # TRL's optional `margin` column (Llama 2, eq. 2)
-            margin = torch.tensor([it["margin"] or 0.0 for it in chunk], dtype=s_c.dtype)
+            margin = torch.tensor([it["margin"] or 0.0 for it in chunk], dtype=s_c.dtype, device=s_c.device)
         bt_mean, acc = bradley_terry_loss(s_c, s_r, margin)
         contribution = bt_mean * (b / n_pairs)  # the chunk mean times its share = its sum / n_pairs
         if cfg.center_rewards_coefficient:
@@ -75,13 +74,16 @@ def reward_step_fn(cfg: RewardModelConfig, pad_id: int):
     return step
 
 
-def save_reward_model_dir(tokenizer, base_dir: str | None, max_seq_len: int):
-    """A save_model callback: `RewardModel.save` + tokenizer + generation config + posttrain.json
-    (the base's, with kind "reward_model" and the max_seq_len the scorer must use)."""
+def save_reward_model_dir(tokenizer, base_dir: str | None, max_seq_len: int, chat_template: str | None = None):
+    """A save_model callback: `RewardModel.save` (merged, with the backbone's LoRA adapter alone in
+    `out/adapter/`) + tokenizer + generation config + posttrain.json (the base's, with kind
+    "reward_model" and the max_seq_len and chat_template the scorer must use)."""
 
     def save(module: RewardModel, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         module.save(out)
+        if has_adapters(module.pretrained_model):
+            save_adapter(module.pretrained_model, out / ADAPTER_DIR, base_dir)
         tokenizer.save_pretrained(out)
         meta = {}
         if base_dir:
@@ -90,7 +92,7 @@ def save_reward_model_dir(tokenizer, base_dir: str | None, max_seq_len: int):
                 shutil.copy2(src / "generation_config.json", out / "generation_config.json")
             if (src / "posttrain.json").exists():
                 meta = json.loads((src / "posttrain.json").read_text())
-        meta.update(kind=REWARD_MODEL_KIND, max_seq_len=max_seq_len)
+        meta.update(kind=REWARD_MODEL_KIND, max_seq_len=max_seq_len, chat_template=chat_template)
         (out / "posttrain.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     return save
@@ -110,9 +112,10 @@ def train_reward_model(spec: dict, on_log=None) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     rows = prepare_pairs(spec, cfg, backbone, tokenizer)  # on-policy: samples of the starting policy
-    items, dropped = tokenize_pairs(rows, tokenizer, cfg.max_seq_len)
+    items, dropped = tokenize_pairs(rows, tokenizer, cfg.max_seq_len, cfg.chat_template)
     if not items:
         raise ValueError(f"no preference pair fits max_seq_len={cfg.max_seq_len}")
+    prepare_backbone(backbone, cfg)  # LoRA adapters / gradient checkpointing; the score head trains in full
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the head's init depends on the seed only
         model = RewardModel(backbone)
@@ -126,7 +129,7 @@ def train_reward_model(spec: dict, on_log=None) -> dict:
 
     res = run_loop(
         model, cfg, workdir, global_batch, reward_step_fn(cfg, pad_id),
-        save_reward_model_dir(tokenizer, spec["base_path"], cfg.max_seq_len), on_log=on_log,
+        save_reward_model_dir(tokenizer, spec["base_path"], cfg.max_seq_len, cfg.chat_template), on_log=on_log,
     )
     return loop_result(res, num_examples=len(items), dropped_examples=dropped, format="preference",
                        pairs_path=str(workdir / PAIRS_FILE))
@@ -140,8 +143,9 @@ def load_reward_scorer(
 ) -> Callable[[list[str], list[str]], list[float]]:
     """A reward function over a trained reward-model directory: (prompts, completions) -> scores.
 
-    Sequences are built exactly as in training (BOS + prompt + completion + EOS, cut to the
-    max_seq_len recorded in posttrain.json) and scored `batch_size` at a time, in inference mode.
+    Sequences are built exactly as in training (`models.recipes.dpo.encode_sequence` with the
+    max_seq_len and chat_template recorded in posttrain.json) and scored `batch_size` at a time, in
+    inference mode. A prompt is a string or a conversation.
     Raises ValueError if the directory is not a reward model (posttrain.json kind).
     """
     from transformers import AutoTokenizer
@@ -153,17 +157,21 @@ def load_reward_scorer(
         raise ValueError(f"{path}: not a reward model (posttrain.json kind={meta.get('kind')!r})")
     max_seq_len = int(meta.get("max_seq_len") or 10**9)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = RewardModel.load(path, dtype=torch.float32).eval()
+    device = training_device()
+    model = RewardModel.load(path, dtype=torch.float32).eval().to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chat_template = meta.get("chat_template")
+    end = completion_end(tokenizer, chat_template)
 
-    def score(prompts: list[str], completions: list[str]) -> list[float]:
+    def score(prompts: list, completions: list[str]) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        seqs = [encode_sequence(tokenizer, p, c, max_seq_len)[0] for p, c in zip(prompts, completions)]
+        seqs = [encode_sequence(tokenizer, p, c, max_seq_len, chat_template, end)[0]
+                for p, c in zip(prompts, completions)]
         out: list[float] = []
         with torch.inference_mode():
             for start in range(0, len(seqs), batch_size):
-                batch = collate_scored(seqs[start : start + batch_size], pad_id)
+                batch = to_device(collate_scored(seqs[start : start + batch_size], pad_id), device)
                 out.extend(model(batch["input_ids"], batch["attention_mask"]).float().tolist())
         return out
 

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from models.device import training_device
 from models.engine import deepspeed_config, latest_checkpoint_step, truncate_jsonl_after
 
 # ----------------------------------------------------------------------------- data
@@ -60,9 +61,18 @@ def load_causal_lm(path: str, frozen: bool = False):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if frozen:
-        model.eval().requires_grad_(False)
+    if frozen:  # a frozen model never meets DeepSpeed, which moves the trained one: move it here
+        model.eval().requires_grad_(False).to(training_device())
     return model
+
+
+def reference_policy(model: torch.nn.Module, path: str, cfg):
+    """The frozen start policy of a KL penalty: with LoRA (`cfg.lora`) the trained model itself with
+    its adapters switched off (no second copy of the weights), else the checkpoint at `path` loaded
+    again, frozen."""
+    from models.lora import AdaptersOff
+
+    return AdaptersOff(model) if cfg.lora is not None else load_causal_lm(path, frozen=True)
 
 
 def zero3_shadow(model: torch.nn.Module, cfg) -> torch.nn.Module | None:
@@ -169,6 +179,7 @@ def rollout_result(res, rollouts_path: Path, problems: list[dict]) -> dict:
 
 
 __all__ = [
-    "load_problems", "resolve_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "zero3_shadow",
+    "load_problems", "resolve_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "reference_policy",
+    "zero3_shadow",
     "sampling_policy", "truncate_rollout_log", "rollout_logger", "rollout_result", "reused_batches", "logs_batch",
 ]

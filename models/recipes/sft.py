@@ -9,50 +9,56 @@ split into micro-batches, accumulation steps or ranks gives the gradient of one 
 
 from __future__ import annotations
 
-import shutil
-from functools import lru_cache
-from pathlib import Path
+import os
+import sys
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from models.chat import ChatTemplate, as_messages, completion_content, completion_end, encode_completion, encode_prompt
 from models.config import SFTConfig
-from models.engine import StepContext, run_loop
-from models.packing import packed_logits, verify as verify_packing
-
-IGNORE = -100
+from models.batching import EpochSampler
+from models.checkpoints import save_hf_dir
+from models.engine import run_loop
+from models.lm_loss import IGNORE, lm_step_fn
+from models.lora import prepare_backbone
+from models.packing import verify as verify_packing
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def render_example(row: dict, fmt: str, tokenizer) -> tuple[str, str]:
-    """(prompt text, completion text) of one validated example in TRL's formats."""
+def render_example(row: dict, fmt: str) -> tuple[object, str]:
+    """(prompt, completion text) of one validated example in TRL's formats; the prompt is a string or
+    a conversation, rendered by `models.chat` as every stage renders it."""
     if fmt == "prompt_completion":
-        return row["prompt"], row["completion"]
-    messages = list(row["messages"])
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, messages[-1]["content"]
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids with the tokenizer's BOS exactly once (chat templates may already render it)."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and prompt.startswith(bos))
-    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        return row["prompt"], completion_content(row["completion"])
+    messages = as_messages(row["messages"])
+    return messages[:-1], messages[-1]["content"]
 
 
 def tokenize_examples(
-    rows: list[dict], fmt: str, tokenizer, max_seq_len: int, completion_only: bool
+    rows: list[dict], fmt: str, tokenizer, max_seq_len: int, completion_only: bool,
+    chat_template: ChatTemplate | None = None, stats: dict | None = None,
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """[(input_ids, labels)] and how many examples were dropped for having no completion room."""
+    """[(input_ids, labels)] and how many examples were dropped for having no completion room.
+
+    The prompt ids are `models.chat.encode_prompt`'s, the ids the sampler is fed for the same prompt;
+    the completion ends with the template's end-of-turn token for a templated prompt, else EOS.
+    `stats`, when given, gets what a user should hear about their data: `truncated` (rows cut to
+    max_seq_len, kept) and `unk` (rows with text the vocabulary reads as the unknown token), each a
+    count and the first row number."""
     out, dropped = [], 0
-    eos = tokenizer.eos_token_id
-    for row in rows:
-        prompt, completion = render_example(row, fmt, tokenizer)
-        p = encode_prompt(tokenizer, prompt)
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    end = completion_end(tokenizer, chat_template)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for row_number, row in enumerate(rows, 1):
+        prompt, completion = render_example(row, fmt)
+        p = encode_prompt(tokenizer, prompt, chat_template)
+        c = encode_completion(tokenizer, completion, end(prompt))
+        if stats is not None:
+            if len(p) + len(c) > max_seq_len:
+                _count(stats, "truncated", row_number)
+            if unk is not None and (unk in p or unk in c):
+                _count(stats, "unk", row_number)
         ids = (p + c)[:max_seq_len]
         n_prompt = min(len(p), len(ids))
         if n_prompt >= len(ids):
@@ -63,83 +69,30 @@ def tokenize_examples(
     return out, dropped
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; labels are IGNORE on padding."""
-    n = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attn[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
+def _count(stats: dict, key: str, row_number: int) -> None:
+    entry = stats.setdefault(key, {"rows": 0, "first_row": row_number})
+    entry["rows"] += 1
 
 
-def n_label_tokens(examples) -> int:
-    """Tokens that carry loss (the label at position t is predicted from t-1, so skip position 0)."""
-    return sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in examples)
-
-
-class EpochSampler:
-    """Item p of the endless stream is perm(p // n)[p % n], perm(e) a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._perm = lru_cache(maxsize=4)(self._make)
-
-    def _make(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def indices(self, start: int, count: int) -> list[int]:
-        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+def data_warnings(stats: dict, dropped: int, total: int, max_seq_len: int, source: str) -> list[str]:
+    """One line per thing about a user's SFT rows that changes what is trained, with counts."""
+    lines = []
+    if "truncated" in stats:
+        t = stats["truncated"]
+        lines.append(f"{source}: {t['rows']} of {total} examples are longer than max_seq_len={max_seq_len} and are "
+                     f"cut (first: row {t['first_row']}); {dropped} of them left no completion and are dropped")
+    if "unk" in stats:
+        u = stats["unk"]
+        lines.append(f"{source}: {u['rows']} of {total} examples hold text outside the tokenizer's vocabulary, "
+                     f"read as its unknown token (first: row {u['first_row']}); the built-in model knows only "
+                     "the built-in task's characters: bring a model with a BPE tokenizer for other text")
+    return lines
 
 
 # ----------------------------------------------------------------------------- loss
 
 
-def causal_lm_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over label positions that are not IGNORE, and their count."""
-    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])  # padding-free, same logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
-    )
-    return nll, int((shift_labels != IGNORE).sum())
-
-
-def lm_step_fn(pad_id: int):
-    """Token-mean NLL over the global batch (see models/engine.py for the loss_scale convention)."""
-
-    def step(engine, chunk, ctx: StepContext):
-        total = max(1, n_label_tokens(ctx.global_batch))
-        nll, n = causal_lm_nll_sum(engine, collate(chunk, pad_id))
-        contribution = nll / total
-        return contribution * ctx.loss_scale, {"loss": contribution.item(), "tokens": n}
-
-    return step
-
-
 # ----------------------------------------------------------------------------- recipe
-
-
-def save_hf_dir(tokenizer, base_dir: str | None):
-    """A save_model callback: weights + tokenizer + the base's generation/prompt configs."""
-
-    def save(module, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-        module.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if base_dir:
-            for name in ("generation_config.json", "posttrain.json"):
-                src = Path(base_dir) / name
-                if src.exists():
-                    shutil.copy2(src, out / name)
-
-    return save
 
 
 def train_sft(spec: dict, on_log=None) -> dict:
@@ -155,10 +108,16 @@ def train_sft(spec: dict, on_log=None) -> dict:
     rows = df.to_dict("records")
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
-    examples, dropped = tokenize_examples(rows, fmt, tokenizer, cfg.max_seq_len, cfg.completion_only_loss)
+    stats: dict = {}
+    examples, dropped = tokenize_examples(rows, fmt, tokenizer, cfg.max_seq_len, cfg.completion_only_loss,
+                                          cfg.chat_template, stats)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in data_warnings(stats, dropped, len(rows), cfg.max_seq_len, spec["dataset_path"]):
+            print(f"[posttrain] warning: {line}", file=sys.stderr, flush=True)
     if not examples:
         raise ValueError(f"{spec['dataset_path']}: no example fits max_seq_len={cfg.max_seq_len}")
     model = AutoModelForCausalLM.from_pretrained(spec["base_path"], dtype=torch.float32)
+    prepare_backbone(model, cfg)  # LoRA adapters / gradient checkpointing, as the config asks
     sampler = EpochSampler(len(examples), cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -175,4 +134,6 @@ def train_sft(spec: dict, on_log=None) -> dict:
         "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
         "metrics_path": res.metrics_path, "last_metrics": res.last_metrics,
         "num_examples": len(examples), "dropped_examples": dropped, "format": fmt,
+        "truncated_examples": stats.get("truncated", {}).get("rows", 0),
+        "unk_examples": stats.get("unk", {}).get("rows", 0),
     }

@@ -24,6 +24,15 @@ from models.rewards import register_reward
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
+
+
+def _not_timeout_disabled(record: logging.LogRecord) -> bool:
+    """Drop math-verify's "Timeout is disabled ..." warning: this module owns the timeout (see above)."""
+    return not str(record.msg).startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):  # the two modules that warn once per process
+    logging.getLogger(_name).addFilter(_not_timeout_disabled)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
