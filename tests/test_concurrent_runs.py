@@ -8,16 +8,17 @@ state dir.
 Fast tests: the lock itself, with threads and with processes; a holder that fails or is SIGKILLed;
 the wait line; two flow branches (threads) calling the same cached Prefect task; the GGUF
 conversion cache; MLflow calls on a locked SQLite store.
-Slow tests: 2 and then 8 identical smoke runs of the default recipe started together as CLI
-processes on one state dir (every one exits 0, each stage key has exactly one MLflow stage run that
-is not a cache hit, identical outputs), and a holder SIGKILLed mid-stage while another run waits.
-The same through a Prefect server and 2 workers waits for the work-pool set-up (not built yet).
+Slow tests: 2 and then 8 identical smoke runs of the default recipe started together on one state
+dir, as CLI processes and as flow runs of a deployment on a real Prefect server picked up by 2
+process workers (every one completes, each stage key has exactly one MLflow stage run that is not a
+cache hit, identical outputs), and a holder SIGKILLed mid-stage while another run waits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from helpers import R1_STAGES, kill_group, mlflow_runs, poll, run_cli
+from test_operations import kill_recorded_flows, prefect, prefect_server  # noqa: F401 - the server fixture
 from tasks.locks import lock_path, read_holder, stage_lock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,3 +407,104 @@ def test_a_holder_killed_mid_stage_leaves_the_stage_to_the_waiter(tmp_path):
     assert sorted(r["status"] for r in sft) == ["FINISHED", "RUNNING"]  # the killed holder's never ended
     summary = json.loads((tmp_path / f"summary-{waiter}.json").read_text())
     assert [r["stage"] for r in summary["stages"]] == R1_STAGES
+
+
+# ---------------------------------------------------------------- through a server and 2 workers, slow
+
+
+def _api(api: str, method: str, path: str, body: dict | None = None):
+    """One call to the Prefect server's REST API; a 503 (its database busy under load) or 429 is
+    made again, as Prefect's own client does."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{api}{path}", method=method, headers={"Content-Type": "application/json"},
+                                 data=None if body is None else json.dumps(body).encode())
+    for attempt in range(20):
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503) or attempt == 19:
+                raise
+            time.sleep(1)
+
+
+def _worker_runs(logs: list[Path], ids: list[str]) -> dict[str, set[str]]:
+    """The flow runs each worker took, from its log: "Worker 'w0' submitting flow run '<id>'" unless
+    the server refused that submission ("Aborted submission of flow run '<id>'": the other worker
+    had claimed it)."""
+    took = {}
+    for w, log in enumerate(logs):
+        text = log.read_text()
+        tried = set(re.findall(r"submitting flow run '([0-9a-f-]{36})'", text))
+        aborted = set(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", text))
+        took[f"w{w}"] = (tried - aborted) & set(ids)
+    return {w: got for w, got in took.items() if got}
+
+
+@pytest.mark.slow
+def test_identical_runs_through_a_server_and_two_workers_train_each_stage_once(prefect_server, tmp_path):
+    """The r1-smoke deployment of deployments/prefect.yaml on a process pool with 2 workers (4 flow
+    runs each at most): 2 and then 8 identical (shrunk) smoke runs created together through the
+    server's API, each batch on its own state dir. Every flow run completes on one of the workers,
+    each stage key is computed once per state dir, and every run's summary is the same."""
+    env, api = prefect_server["env"], prefect_server["api"]
+    prefect("work-pool", "create", "posttrain-process", "--type", "process", env=env)
+    prefect("--no-prompt", "deploy", "--name", "r1-smoke", "--prefect-file", "deployments/prefect.yaml", env=env)
+    dep = _api(api, "GET", "/deployments/name/post-train/r1-smoke")
+    logs = [tmp_path / f"worker-{w}.log" for w in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process",
+                                 "--name", f"w{w}", "--limit", "4"], cwd=tmp_path,
+                                env=dict(os.environ, **env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO"),
+                                stdout=open(logs[w], "w"), stderr=subprocess.STDOUT, start_new_session=True)
+               for w in range(2)]
+    try:
+        for n in (2, 8):
+            state = tmp_path / f"state-{n}"
+            ids = [_api(api, "POST", f"/deployments/{dep['id']}/create_flow_run",
+                        {"parameters": {"state_dir": str(state), "overrides": TINY}})["id"] for _ in range(n)]
+
+            def final_states():
+                got = [_api(api, "GET", f"/flow_runs/{i}")["state"]["type"] for i in ids]
+                return got if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in got) else None
+
+            states = poll(final_states, 900, f"{n} flow runs on the workers", every=2, alive=workers[0])
+            assert states == ["COMPLETED"] * n, "\n\n".join(log.read_text()[-4000:] for log in logs)
+            took = _worker_runs(logs, ids)
+            assert sorted(i for got in took.values() for i in got) == sorted(ids), took  # each run on one worker
+            if n == 8:  # more runs than one worker's limit: both workers took some
+                assert sorted(took) == ["w0", "w1"], took
+            _assert_trained_once(state, ids, n)
+        assert sum("computed by another run" in log.read_text() for log in logs) >= 1
+    finally:
+        for w in workers:
+            kill_group(w)
+        for n in (2, 8):
+            kill_recorded_flows(tmp_path / f"state-{n}")
+
+
+def _assert_trained_once(state: Path, ids: list[str], n: int) -> None:
+    from flows import runs
+
+    client, exp = mlflow_runs(state)
+    summaries = []
+    for i in ids:
+        assert runs.find_run(state, i)["status"] == "COMPLETED"
+        (parent,) = client.search_runs([exp], f"tags.`posttrain.prefect_flow_run_id` = '{i}' "
+                                              "and tags.`posttrain.kind` = 'flow'")
+        assert parent.info.status == "FINISHED" and parent.data.tags["posttrain.smoke"] == "true"
+        path = client.download_artifacts(parent.info.run_id, "summary.json", str(state.parent / f"dl-{i}"))
+        summaries.append(json.loads(Path(path).read_text()))
+    assert len({s["final_model"]["digest"] for s in summaries}) == 1
+    for stage in R1_STAGES:
+        rows = [next(r for r in s["stages"] if r["stage"] == stage) for s in summaries]
+        assert len({(r["output"]["digest"], r["cache_key"]) for r in rows}) == 1, stage
+    keys = {r["cache_key"] for r in summaries[0]["stages"]}
+    runs_ = _stage_runs(state)
+    computed = Counter(r["posttrain.cache_key"] for r in runs_ if r["posttrain.cached"] == "false")
+    assert set(computed.values()) == {1}, computed
+    assert keys <= set(computed)
+    assert all(r["status"] == "FINISHED" for r in runs_)
+    per_run = Counter(r["posttrain.prefect_flow_run_id"] for r in runs_)
+    assert sorted(per_run) == sorted(ids) and len(set(per_run.values())) == 1

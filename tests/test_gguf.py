@@ -216,8 +216,10 @@ def bf16_vs_fp32(smollm2_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_bf16_forward_matches_fp32_on_smollm2(bf16_vs_fp32):
-    # step 1's loss is the forward of the unchanged weights: measured |Δ| 0.0039 (2.7865 vs 2.7826)
-    assert bf16_vs_fp32["abs_diff"][0] < 0.01
+    # step 1's loss is the forward of the unchanged weights. bf16 keeps 8 bits of mantissa (relative
+    # rounding 2^-8 = 0.4% per op), and which bf16 kernels run depends on the CPU: measured |Δ| 0.0039
+    # (2.7865 vs 2.7826, 0.14%) on one machine of this kind and 0.0135 (0.5%) on another. Bound: 1%.
+    assert bf16_vs_fp32["abs_diff"][0] < 0.01 * bf16_vs_fp32["fp32"][0]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""Operations: deployments on a real Prefect server and a process worker, `posttrain serve` firing a
-schedule, `posttrain runs`, `posttrain resume`'s refusals, `posttrain lineage` and its digest checks,
-and the disk-full message. Fast tests first; the flow-running ones are `slow`. SIGKILL-and-resume at
-every kill point: tests/test_kill_resume.py."""
+"""Operations: `posttrain serve` firing a schedule on a real Prefect server, `posttrain runs`,
+`posttrain resume`'s refusals, `posttrain lineage` and its digest checks, and the disk-full message.
+Fast tests first; the flow-running ones are `slow`. SIGKILL-and-resume at every kill point:
+tests/test_kill_resume.py."""
 
 from __future__ import annotations
 
@@ -216,37 +216,8 @@ def prefect(*args, env, timeout=300):
     return p.stdout
 
 
-@pytest.mark.slow
-def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
-    env, state = prefect_server["env"], tmp_path / "state"
-    prefect("work-pool", "create", "posttrain-process", "--type", "process", env=env)
-    prefect("--no-prompt", "deploy", "--name", "r1-smoke", "--prefect-file", "deployments/prefect.yaml", env=env)
-    out = prefect("deployment", "run", "post-train/r1-smoke", "--param", f"state_dir={state}", env=env)
-    flow_run_id = UUID.search(out).group(0)
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process"],
-                              cwd=tmp_path, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        def final_state():
-            fr = _get_json(f"{prefect_server['api']}/flow_runs/{flow_run_id}")
-            kind = fr and fr["state"] and fr["state"]["type"]
-            return kind if kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        assert poll(final_state, 600, "the worker's flow run to finish", every=2, alive=worker) == "COMPLETED", \
-            (tmp_path / "worker.log").read_text()[-5000:]
-    finally:
-        kill_group(worker)
-        log.close()
-        kill_recorded_flows(state)
-    client, exp_id = mlflow_runs(state)
-    (parent,) = client.search_runs([exp_id], f"tags.`posttrain.prefect_flow_run_id` = '{flow_run_id}' "
-                                             "and tags.`posttrain.kind` = 'flow'")
-    assert parent.info.status == "FINISHED" and parent.data.tags["posttrain.smoke"] == "true"
-    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert set(R1_STAGES) <= {c.data.tags["posttrain.stage"] for c in children}
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert runs.find_run(state, flow_run_id)["status"] == "COMPLETED"
+# A deployment of deployments/prefect.yaml run by process workers: tests/test_concurrent_runs.py
+# (2 and then 8 identical runs through this server fixture and 2 workers).
 
 
 @pytest.mark.slow
