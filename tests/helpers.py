@@ -91,6 +91,24 @@ def run_cli(*args, state_dir, summary=None, check=True, env=None, **popen):
 
 R1_STAGES = ["fetch", "sft", "grpo", "sample", "filter", "refine"]
 
+# The default recipe at its --smoke size, shrunk further for tests about where and how often stages
+# run, not what they learn (concurrent runs, work pools, services): every stage still runs
+# (pretraining, SFT, GRPO, sampling, filtering, refine, the evaluations) on a 1-layer base.
+TINY = ["task.n_train=200", "task.n_test=16", "task.pretrain_docs=200",
+        "fetch.pretrain.max_steps=4", "fetch.pretrain.save_every=2", "fetch.pretrain.hidden_size=32",
+        "fetch.pretrain.num_layers=1", "fetch.pretrain.num_heads=2", "fetch.pretrain.intermediate_size=64",
+        "fetch.pretrain.batch_size=8", "fetch.pretrain.micro_batch_size=8",
+        "sft.max_steps=4", "sft.save_every=2", "sft.batch_size=4", "sft.micro_batch_size=4",
+        "grpo.max_steps=1", "grpo.num_prompts=2", "grpo.num_generations=2", "grpo.max_new_tokens=8",
+        "sample.num_prompts=4", "sample.num_samples=2", "sample.max_new_tokens=8",
+        "refine.max_steps=2", "refine.save_every=1",
+        "evaluate.num_problems=4", "evaluate.k=2", "evaluate.max_new_tokens=8"]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """["k=v", ...] as CLI arguments: ["--set", "k=v", ...]."""
+    return [a for o in overrides for a in ("--set", o)]
+
 
 def poll(predicate, deadline_s: float, what: str, every: float = 0.5, alive=None):
     deadline = time.monotonic() + deadline_s

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import R1_STAGES, kill_group, mlflow_runs, poll, run_cli
+from helpers import R1_STAGES, TINY, kill_group, mlflow_runs, poll, run_cli, sets
 from test_operations import kill_recorded_flows, prefect, prefect_server  # noqa: F401 - the server fixture
 from tasks.locks import lock_path, read_holder, stage_lock
 
@@ -318,25 +318,8 @@ def test_mlflow_waits_out_a_store_locked_past_the_busy_timeout(tmp_path):
 
 # ---------------------------------------------------------------- concurrent CLI runs, slow
 
-# The default recipe at its --smoke size, shrunk further so that 8 runs on 2 cores stay short: every
-# stage still runs (pretraining, SFT, GRPO, sampling, filtering, refine, the evaluations).
-TINY = ["task.n_train=200", "task.n_test=16", "task.pretrain_docs=200",
-        "fetch.pretrain.max_steps=4", "fetch.pretrain.save_every=2", "fetch.pretrain.hidden_size=32",
-        "fetch.pretrain.num_layers=1", "fetch.pretrain.num_heads=2", "fetch.pretrain.intermediate_size=64",
-        "fetch.pretrain.batch_size=8", "fetch.pretrain.micro_batch_size=8",
-        "sft.max_steps=4", "sft.save_every=2", "sft.batch_size=4", "sft.micro_batch_size=4",
-        "grpo.max_steps=1", "grpo.num_prompts=2", "grpo.num_generations=2", "grpo.max_new_tokens=8",
-        "sample.num_prompts=4", "sample.num_samples=2", "sample.max_new_tokens=8",
-        "refine.max_steps=2", "refine.save_every=1",
-        "evaluate.num_problems=4", "evaluate.k=2", "evaluate.max_new_tokens=8"]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def _start(state: Path, i: int, overrides: list[str], env: dict | None = None) -> subprocess.Popen:
-    return run_cli("run", "--smoke", "--no-progress", *_sets(overrides), state_dir=state,
+    return run_cli("run", "--smoke", "--no-progress", *sets(overrides), state_dir=state,
                    summary=state.parent / f"summary-{i}.json", env=env,
                    stdout=open(state.parent / f"run-{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -18,7 +18,8 @@ import urllib.request
 import uuid
 
 import pytest
-from helpers import R1_STAGES, run_cli
+from helpers import R1_STAGES, run_cli, sets
+from helpers import TINY as TINY_OVERRIDES
 
 from flows import processes, services
 
@@ -26,18 +27,7 @@ PG_URL = os.environ.get("POSTTRAIN_TEST_DATABASE_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="POSTTRAIN_TEST_DATABASE_URL is unset (.ci/run starts PostgreSQL "
                                                  "and sets it): no PostgreSQL to start the services on")
 
-# r1 at a size that runs in about a minute on 2 cores: every stage, a 1-layer base, a few steps each
-TINY = ["--set", "task.n_train=200", "--set", "task.n_test=16", "--set", "task.pretrain_docs=200",
-        "--set", "fetch.pretrain.max_steps=4", "--set", "fetch.pretrain.save_every=2",
-        "--set", "fetch.pretrain.hidden_size=32", "--set", "fetch.pretrain.num_layers=1",
-        "--set", "fetch.pretrain.num_heads=2", "--set", "fetch.pretrain.intermediate_size=64",
-        "--set", "fetch.pretrain.batch_size=8", "--set", "fetch.pretrain.micro_batch_size=8",
-        "--set", "sft.max_steps=4", "--set", "sft.save_every=2", "--set", "sft.batch_size=4",
-        "--set", "sft.micro_batch_size=4", "--set", "grpo.max_steps=1", "--set", "grpo.num_prompts=2",
-        "--set", "grpo.num_generations=2", "--set", "grpo.max_new_tokens=8", "--set", "sample.num_prompts=4",
-        "--set", "sample.num_samples=2", "--set", "sample.max_new_tokens=8", "--set", "refine.max_steps=2",
-        "--set", "refine.save_every=1", "--set", "evaluate.num_problems=4", "--set", "evaluate.k=2",
-        "--set", "evaluate.max_new_tokens=8"]
+TINY = sets(TINY_OVERRIDES)  # r1 at a size that runs in about a minute on 2 cores
 
 
 @pytest.fixture(autouse=True)

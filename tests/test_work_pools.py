@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import kill_group, mlflow_runs, poll, run_cli
+from helpers import TINY, kill_group, mlflow_runs, poll, run_cli
+from helpers import sets as cli_sets
 
 from data_contracts.artifacts import ArtifactRef
 from flows.pools import PoolError, check_pools
@@ -147,11 +148,6 @@ def test_an_interrupted_recipe_flow_cancels_the_stage_run_it_waits_for(tmp_path,
 
 # ---------------------------------------------------------------------------------------- slow
 
-# smoke, smaller still: the test is about where stages run, not what they learn
-SHRINK = ["fetch.pretrain.max_steps=10", "sft.max_steps=10", "refine.max_steps=4", "refine.save_every=2",
-          "task.pretrain_docs=1000", "sample.num_prompts=8", "evaluate.num_problems=8", "evaluate.k=2"]
-
-
 def _api_json(url: str, body: dict | None = None):
     import urllib.request
 
@@ -172,7 +168,7 @@ def _kill_pid(pid) -> None:
 def test_one_recipe_on_two_pools_equals_one_process(prefect_server, tmp_path):
     api, env = prefect_server["api"], dict(prefect_server["env"])
     ref_state, pool_state = tmp_path / "ref", tmp_path / "pools"
-    sets = [a for s in SHRINK for a in ("--set", s)]
+    sets = cli_sets(TINY)
     # the same recipe in one process, meanwhile (no server: its own temporary API)
     ref = run_cli("run", "--smoke", "--no-progress", *sets, summary=tmp_path / "ref.json", state_dir=ref_state,
                   env={"PREFECT_API_URL": ""}, stdout=open(tmp_path / "ref.log", "w"), stderr=subprocess.STDOUT,
@@ -198,7 +194,7 @@ def test_one_recipe_on_two_pools_equals_one_process(prefect_server, tmp_path):
                 env=dict(os.environ, **env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO"),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # INFO: the log names each flow run
         t0 = time.monotonic()
-        run = run_cli("run", "--smoke", "--no-progress", *sets, *[a for s in POOLS for a in ("--set", s)],
+        run = run_cli("run", "--smoke", "--no-progress", *sets, *cli_sets(POOLS),
                       summary=tmp_path / "pools.json", state_dir=pool_state, env=env, check=False)
         pool_wall = time.monotonic() - t0
         stage_runs = _api_json(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["posttrain-stage"]}}})
