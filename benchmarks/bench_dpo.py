@@ -33,7 +33,7 @@ MAX_SEQ_LEN = 160
 
 
 def pairs(n: int) -> list[dict]:
-    from models.builtin_task import solution_for
+    from models.data.builtin_task import solution_for
 
     out = []
     for p in common.problems(n):
@@ -47,8 +47,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
     """posttrain's per-step batches (pair indices) and their input tokens (chosen + rejected)."""
     from transformers import AutoTokenizer
 
-    from models.batching import EpochSampler
-    from models.preference_pairs import tokenize_pairs
+    from models.training.batching import EpochSampler
+    from models.data.preference_pairs import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(base)
     items, dropped = tokenize_pairs(rows, tok, MAX_SEQ_LEN)
@@ -61,8 +61,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
 
 def posttrain_side(p: dict) -> dict:
     import models.recipes.dpo as dpo
-    from models.engine import ensure_distributed_env, read_metrics
-    from models.pref_config import DPOConfig
+    from models.training.engine import ensure_distributed_env, read_metrics
+    from models.recipes.preference_config import DPOConfig
 
     ensure_distributed_env()
     data = common.write_jsonl(p["rows"], Path(p["tmp"]) / "pairs.jsonl")

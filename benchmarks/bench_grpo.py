@@ -41,8 +41,8 @@ LR = 3e-5
 
 def posttrain_side(p: dict) -> dict:
     import models.recipes.grpo as grpo
-    from models.engine import ensure_distributed_env, read_metrics
-    from models.rl_config import GRPOConfig
+    from models.training.engine import ensure_distributed_env, read_metrics
+    from models.recipes.rl_config import GRPOConfig
 
     ensure_distributed_env()
     probs = common.write_jsonl([{k: r[k] for k in ("id", "prompt", "answer")} for r in p["problems"]],
@@ -55,7 +55,7 @@ def posttrain_side(p: dict) -> dict:
     res = grpo.train_grpo({"config": cfg.model_dump(), "base_path": p["base"], "prompts_path": str(probs),
                            "workdir": str(Path(p["tmp"]) / "work")})
     rows = read_metrics(res["metrics_path"])
-    from models.packing import STATS
+    from models.training.packing import STATS
 
     return {"packing": dict(STATS), "step_seconds": [r["step_seconds"] for r in rows], "generate_seconds": gen_s,
             "completion_length": [r["completion_length"] for r in rows], "reward": [r["reward_mean"] for r in rows],
@@ -68,7 +68,7 @@ def trl_side(p: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from models.builtin_task import verify
+    from models.data.builtin_task import verify
 
     def builtin_task(prompts, completions, answer, **kw):
         return [float(verify(pr, c, a) or 0.0) for pr, c, a in zip(prompts, completions, answer)]

@@ -68,10 +68,10 @@ def measure_target(spec: dict, on_log=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.config import SFTConfig
-    from models.engine import run_loop
-    from models.batching import EpochSampler
-    from models.checkpoints import save_hf_dir
-    from models.lm_loss import lm_step_fn
+    from models.training.engine import run_loop
+    from models.training.batching import EpochSampler
+    from models.training.checkpoints import save_hf_dir
+    from models.training.lm_loss import lm_step_fn
     from models.recipes.sft import tokenize_examples
 
     cfg = SFTConfig.model_validate(spec["config"])
@@ -95,7 +95,7 @@ def measure_target(spec: dict, on_log=None) -> dict:
 
 def run_case(base: str, data: Path, workdir: Path, world: int, deepspeed: str) -> list[dict]:
     from models.config import SFTConfig
-    from models.launch import run_training
+    from models.training.launch import run_training
 
     cfg = SFTConfig(max_steps=2, batch_size=8, micro_batch_size=8 // world, lr=1e-4, warmup_steps=0,
                     save_every=10**6, max_seq_len=160, world_size=world, deepspeed=deepspeed)
@@ -116,7 +116,7 @@ def main() -> None:
     common.quiet_libraries()
     base = str(common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads))
     if a.case:  # a clean child process per case: the 1-process case makes this process rank 0 of 1
-        from models.engine import ensure_distributed_env
+        from models.training.engine import ensure_distributed_env
 
         with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
             data = common.write_jsonl([{"prompt": p["prompt"], "completion": p["solution"]} for p in common.problems(64)],

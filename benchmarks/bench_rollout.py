@@ -23,7 +23,7 @@ def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.rollouts import SamplingParams, sample
+    from models.generation.rollouts import SamplingParams, sample
 
     common.pin_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

@@ -47,7 +47,7 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
     """posttrain's per-step batches (row indices), their input tokens and Σ len² (for attention FLOPs)."""
     from transformers import AutoTokenizer
 
-    from models.batching import EpochSampler
+    from models.training.batching import EpochSampler
     from models.recipes.sft import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(base)
@@ -68,7 +68,7 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
 
 def posttrain_side(p: dict, on_log=None) -> dict:
     from models.config import SFTConfig
-    from models.engine import ensure_distributed_env, read_metrics
+    from models.training.engine import ensure_distributed_env, read_metrics
     from models.recipes.sft import train_sft
 
     ensure_distributed_env()
@@ -80,7 +80,7 @@ def posttrain_side(p: dict, on_log=None) -> dict:
     res = train_sft({"config": cfg.model_dump(), "base_path": p["base"], "dataset_path": str(data),
                      "workdir": str(Path(p["tmp"]) / "work")}, on_log=on_log)
     rows = read_metrics(res["metrics_path"])
-    from models.packing import STATS
+    from models.training.packing import STATS
 
     return {"step_seconds": [r["step_seconds"] for r in rows], "losses": [r["loss"] for r in rows],
             "packing": dict(STATS)}

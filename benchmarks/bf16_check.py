@@ -22,7 +22,7 @@ from pathlib import Path
 
 def sft_rows(n: int, seed: int = 0) -> list[dict]:
     """Built-in problems as two-turn chats (TRL's `messages` format; the last turn is the target)."""
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     train, _ = make_problems(seed, n, 1)
     return [{"messages": [{"role": "user", "content": f"Compute step by step: {p.question}"},
@@ -34,7 +34,7 @@ def sft_losses(model_dir: Path, precision: str, steps: int, batch: int, workdir:
     """The per-step training loss of `steps` SFT steps at `precision` ("fp32" or "bf16")."""
     from data_contracts.io import write_jsonl_atomic
     from models.config import SFTConfig
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
     from models.recipes.sft import train_sft
 
     data = workdir / "train.jsonl"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bf16-check-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from models.gguf import convert_gguf, smollm2_gguf
+            from models.modeling.gguf import convert_gguf, smollm2_gguf
 
             model_dir = convert_gguf(smollm2_gguf(), Path(tmp) / "smollm2")
         result = compare(model_dir, args.steps, args.batch, Path(tmp), args.zero_stage)

@@ -23,7 +23,7 @@ def batches(model_dir: Path, steps: int = 3, batch: int = 4) -> list[dict]:
     from transformers import AutoTokenizer
 
     from benchmarks.bf16_check import sft_rows
-    from models.lm_loss import collate
+    from models.training.lm_loss import collate
     from models.recipes.sft import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", type=Path, default=Path(".posttrain/bf16-where/smollm2"))
     args = ap.parse_args(argv)
     if not (args.model_dir / "config.json").exists():
-        from models.gguf import convert_gguf, smollm2_gguf
+        from models.modeling.gguf import convert_gguf, smollm2_gguf
 
         convert_gguf(smollm2_gguf(), args.model_dir)
     losses, optimizer = run(args.mode, args.model_dir, args.zero_stage, 0.0 if args.no_clip else 1.0)

@@ -132,7 +132,7 @@ def timed_calls(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]
 
 
 def computed_per_real_token(packing: dict | None) -> float | None:
-    """Token slots a side's forwards ran per real (non-pad) token, from `models.packing.STATS`."""
+    """Token slots a side's forwards ran per real (non-pad) token, from `models.training.packing.STATS`."""
     return packing["computed_slots"] / packing["real_tokens"] if packing and packing.get("real_tokens") else None
 
 
@@ -226,9 +226,9 @@ def _train_base(out: Path, arch: dict, steps: int, threads: int) -> None:
 
     import torch
 
-    from models.builtin_task import make_problems
-    from models.tiny_model import build_tiny_model, save_hf
-    from models.tokenizer import build_tokenizer
+    from models.data.builtin_task import make_problems
+    from models.modeling.tiny_model import build_tiny_model, save_hf
+    from models.modeling.tokenizer import build_tokenizer
 
     torch.set_num_threads(threads)
     tok = build_tokenizer()
@@ -261,7 +261,7 @@ def _train_base(out: Path, arch: dict, steps: int, threads: int) -> None:
 
 def problems(n: int, offset: int = 0) -> list[dict]:
     """Built-in training problems [{id, prompt, answer, solution}] (seed 0), the first n after offset."""
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     train, _ = make_problems(0, offset + n, 1)
     return [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution} for p in train[offset:]]
@@ -275,7 +275,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def read_step_seconds(metrics_path: str | os.PathLike) -> list[float]:
     """Per-step wall seconds that run_loop logged (log_every=1): from one step's log to the next."""
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     return [float(m["step_seconds"]) for m in read_metrics(metrics_path)]
 

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models import builtin_task
+    from models.data import builtin_task
     from models.config import load_recipe, resolved
-    from models.evaluation import evaluate
-    from models.launch import run_training
+    from models.generation.evaluation import evaluate
+    from models.training.launch import run_training
     from tasks.data import builtin_dir
 
     base = args.sft or _newest("work/sft-*/output", args.state_dir)

@@ -37,9 +37,9 @@ TARGET = "models.recipes.sft:train_sft"
 
 def _setup(root: Path) -> tuple[Path, Path]:
     from data_contracts.io import write_jsonl_atomic
-    from models.builtin_task import make_problems
-    from models.tiny_model import build_tiny_model, save_hf
-    from models.tokenizer import build_tokenizer
+    from models.data.builtin_task import make_problems
+    from models.modeling.tiny_model import build_tiny_model, save_hf
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     base = root / "base"
@@ -113,7 +113,7 @@ def _rendezvous_done(log: Path) -> float | None:
 
 
 def start(root: Path, base, data, nodes: int) -> dict:
-    from models.launch import run_training
+    from models.training.launch import run_training
 
     root.mkdir(parents=True, exist_ok=True)
     wd = root / f"start-{nodes}"
@@ -140,7 +140,7 @@ def start(root: Path, base, data, nodes: int) -> dict:
 
 
 def fail(root: Path, base, data, how: str) -> dict:
-    from models.launch import MultiNodeError, run_training
+    from models.training.launch import MultiNodeError, run_training
 
     wd = root / f"{how}"
     env = {"DEEPSPEED_TIMEOUT": "1"} if how == "freeze" else {}

@@ -457,7 +457,7 @@ def _graph(args) -> int:
 
 
 def _node_agent(args) -> int:
-    from models.launch import MultiNodeError, find_rendezvous, run_node_agent
+    from models.training.launch import MultiNodeError, find_rendezvous, run_node_agent
 
     explicit = {"endpoint": args.rdzv_endpoint, "id": args.rdzv_id, "nnodes": args.nnodes,
                 "nproc_per_node": args.nproc_per_node, "timeout_s": args.rdzv_timeout_s, "spec": args.spec}

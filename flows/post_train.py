@@ -28,8 +28,8 @@ from flows.dag import run_graph
 from flows.failures import explain, retry_unless_disk_full
 from flows.state import configure_state_dir
 from models.config import KINDS, RecipeConfig, load_recipe, resolved
-from models.engine import read_metrics
-from models.faults import fault_point
+from models.training.engine import read_metrics
+from models.training.faults import fault_point
 from models.stages import Node
 from tasks.cache import REPO_ROOT, git_code_version, stage_cache_key, stage_code_version
 from tasks.common import (RunContext, StageResult, default_tracking_uri, record_cache_hit, start_tracking, state_paths,
@@ -213,7 +213,7 @@ def _import_stage_code(cfg: RecipeConfig) -> None:
 
     for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
         getattr(transformers, name)
-    for module in ("deepspeed", "peft", "models.engine", "models.rollouts"):
+    for module in ("deepspeed", "peft", "models.training.engine", "models.generation.rollouts"):
         importlib.import_module(module)
     for node in cfg.graph():
         if node.spec.recipe:

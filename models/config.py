@@ -19,14 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
-from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
-from models.ppo_config import PPOConfig
-from models.pref_config import DPOConfig, RewardModelConfig
-from models.rl_config import GRPOConfig
-from models.sample_filter_config import FilterConfig, SampleConfig
+from models.modeling.chat import CHAT_TEMPLATE_HELP, ChatTemplate
+from models.recipes.ppo_config import PPOConfig
+from models.recipes.preference_config import DPOConfig, RewardModelConfig
+from models.recipes.rl_config import GRPOConfig
+from models.recipes.sample_filter_config import FilterConfig, SampleConfig
 from models.stages import KINDS, STAGE_KINDS, GraphError, Node, nodes_from_list, nodes_from_stages, parse_node_config, \
     resolve_graph
-from models.train_config import Strict, TrainConfig
+from models.recipes.train_config import Strict, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "deployments" / "recipes"
@@ -34,7 +34,7 @@ DEFAULT_RECIPE = "r1"
 
 
 class TaskConfig(Strict):
-    """The built-in verifiable reasoning task (arithmetic chains, see models/builtin_task.py)."""
+    """The built-in verifiable reasoning task (arithmetic chains, see models/data/builtin_task.py)."""
 
     seed: int = Field(0, description="seed of the problem generator; fixes the train/test split")
     n_train: int = Field(20000, ge=1, description="training problems (SFT, RL prompts)")
@@ -201,7 +201,7 @@ class RecipeConfig(Strict):
     grpo: GRPOConfig | None = None
     ppo: PPOConfig | None = None
     sample: SampleConfig | None = Field(None, description="rejection sampling: N scored candidates per prompt")
-    filter: FilterConfig | None = Field(None, description="which samples become refine data (models/filters.py)")
+    filter: FilterConfig | None = Field(None, description="which samples become refine data (models/algorithms/filters.py)")
     refine: SFTConfig | None = Field(None, description="SFT on the filtered samples (dataset: samples)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

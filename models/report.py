@@ -148,7 +148,7 @@ def _rl_panel(ax, rl_curves: dict[str, list[dict]]) -> None:
 def _reasoning_panel(ax, curves: dict[str, list[dict]]) -> None:
     """Marker rates and the answer-format rate (left axis) and the completion length of correct and
     incorrect answers (right axis) per step: a trailing 10-step mean drawn over the raw values, faint."""
-    from models.reasoning import smooth
+    from models.algorithms.reasoning import smooth
 
     ax.set_title("Reasoning signals per step (10-step mean; raw values faint)")
     right = ax.twinx()

@@ -39,8 +39,8 @@ OWN_PACKAGES = ("models", "data_contracts", "tasks")
 # Config modules are schemas: every value they resolve to is in the key already (the resolved
 # stage config), so editing one (a new stage's section) must not invalidate finished stages.
 BOOKKEEPING_MODULES = frozenset({
-    "tasks.tracking", "tasks.progress", "models.config", "models.train_config", "models.rl_config",
-    "models.pref_config", "models.ppo_config", "models.sample_filter_config", "models.stages",
+    "tasks.tracking", "tasks.progress", "models.config", "models.recipes.train_config", "models.recipes.rl_config",
+    "models.recipes.preference_config", "models.recipes.ppo_config", "models.recipes.sample_filter_config", "models.stages",
 })
 
 

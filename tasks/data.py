@@ -18,7 +18,7 @@ from data_contracts.io import read_table, write_jsonl_atomic
 from data_contracts.preferences import validate_preferences
 from data_contracts.problems import validate_problems
 from data_contracts.sft import load_sft_dataset
-from models import builtin_task
+from models.data import builtin_task
 from models.config import TaskConfig
 
 

@@ -22,9 +22,9 @@ def run_evaluation(model_path: str, problems: list[dict], config: dict) -> tuple
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models import builtin_task
-    from models.device import training_device
-    from models.evaluation import evaluate
+    from models.data import builtin_task
+    from models.modeling.device import training_device
+    from models.generation.evaluation import evaluate
     from models.rewards import get_reward
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

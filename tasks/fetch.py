@@ -6,7 +6,7 @@
 - `hf://org/name@revision`: huggingface_hub snapshot (honours HF_HUB_OFFLINE and the local cache);
 - `models:/name/version`: downloaded from the MLflow model registry into the stage's work dir;
 - a `.gguf` file (a path, `file://…`, or `pkg://<package>/<file>` inside an installed package):
-  converted once into `<state>/models/gguf-<sha256[:16]>/` (see models/gguf.py). The file is the
+  converted once into `<state>/models/gguf-<sha256[:16]>/` (see models/modeling/gguf.py). The file is the
   stage's `source` input, so its digest is in the cache key, the lineage tags and the run's inputs.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 from prefect import task
 
 from data_contracts.artifacts import ArtifactRef, digest_path
-from models.gguf import convert_gguf, gguf_path, is_gguf_uri
-from models.launch import run_training
+from models.modeling.gguf import convert_gguf, gguf_path, is_gguf_uri
+from models.training.launch import run_training
 from tasks.common import RunContext, StageResult, StageRun, state_paths, workdir_for
 from tasks.progress import reporter
 from tasks.tracking import download_model_version
@@ -190,7 +190,7 @@ def fetch_base(stage: str, cache_key: str, config: dict, task_config: dict, inpu
                 pre["world_size"], workdir, on_log=lambda m: rep.update(stage, m),
             )
             path, resumed = Path(res["output_dir"]), res["resumed_from_step"]
-            from models.engine import read_metrics
+            from models.training.engine import read_metrics
 
             rows = read_metrics(res["metrics_path"])
             run.tracker.log_metrics(run.run_id, rows, prefix="train/")

@@ -26,9 +26,9 @@ def sample_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, Art
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.sample_filter_config import SampleConfig
-    from models.device import training_device
-    from models.samples import generate_samples
+    from models.recipes.sample_filter_config import SampleConfig
+    from models.modeling.device import training_device
+    from models.generation.rejection_sampling import generate_samples
 
     workdir = workdir_for(ctx, stage, cache_key)
     with StageRun(ctx, stage, cache_key, config, inputs) as run:
@@ -57,9 +57,9 @@ def sample_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, Art
 @task(name="filter")
 def filter_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, ArtifactRef],
                  ctx: RunContext) -> StageResult:
-    from models.filters import apply_filters
-    from models.sample_filter_config import FilterConfig
-    from models.samples import samples_to_sft
+    from models.algorithms.filters import apply_filters
+    from models.recipes.sample_filter_config import FilterConfig
+    from models.generation.rejection_sampling import samples_to_sft
 
     workdir = workdir_for(ctx, stage, cache_key)
     with StageRun(ctx, stage, cache_key, config, inputs) as run:

@@ -13,10 +13,10 @@ from pathlib import Path
 from prefect import task
 
 from data_contracts.artifacts import ArtifactRef, digest_path
-from models.engine import read_metrics
-from models.launch import run_training
-from models.reasoning import aha_step
-from models.lora import ADAPTER_DIR
+from models.training.engine import read_metrics
+from models.training.launch import run_training
+from models.algorithms.reasoning import aha_step
+from models.modeling.lora import ADAPTER_DIR
 from models.stages import KINDS
 from tasks.common import RunContext, StageResult, StageRun, state_paths, workdir_for
 from tasks.progress import reporter
@@ -37,7 +37,7 @@ def build_spec(kind: str, config: dict, inputs: dict[str, ArtifactRef], workdir:
 
 
 def find_aha(rows: list[dict], rollouts: list[dict], config: dict) -> dict | None:
-    """The RL stage's "aha" step (models.reasoning.aha_step on its `aha_marker`'s rate) and the
+    """The RL stage's "aha" step (models.algorithms.reasoning.aha_step on its `aha_marker`'s rate) and the
     completions of the first logged rollout batch at or after it (the last one before, if none)."""
     marker = config.get("aha_marker")
     if not marker:

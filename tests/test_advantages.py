@@ -1,11 +1,11 @@
-"""Hand-computed checks of models/advantages.py, plus a slow loop oracle for GAE."""
+"""Hand-computed checks of models/algorithms/advantages.py, plus a slow loop oracle for GAE."""
 
 import math
 
 import pytest
 import torch
 
-from models.advantages import gae, group_relative_advantages, soft_overlong_penalty
+from models.algorithms.advantages import gae, group_relative_advantages, soft_overlong_penalty
 
 EPS = 1e-4
 

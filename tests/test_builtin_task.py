@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-from models import builtin_task
-
-from models.builtin_task import (
+from models.data import builtin_task
+from models.data.builtin_task import (
     TASK_VERSION,
     Problem,
     evaluate,
@@ -140,7 +139,7 @@ def test_extract_answer():
 
 
 def test_plain_prompt_style_and_lenient_verifier():
-    from models.builtin_task import extract_answer_lenient, make_problems, verify_lenient
+    from models.data.builtin_task import extract_answer_lenient, make_problems, verify_lenient
 
     _, test = make_problems(0, 5, 3, prompt_style="plain")
     _, qa = make_problems(0, 5, 3)

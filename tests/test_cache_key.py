@@ -48,11 +48,11 @@ def test_stage_code_version_covers_what_the_stage_imports_and_nothing_else():
     from tasks.cache import REPO_ROOT, stage_source_files
 
     files = {f.relative_to(REPO_ROOT).as_posix() for f in stage_source_files(("tasks.train", "models.recipes.sft"))}
-    assert {"models/engine.py", "models/recipes/sft.py", "data_contracts/sft.py", "tasks/train.py"} <= files
+    assert {"models/training/engine.py", "models/recipes/sft.py", "data_contracts/sft.py", "tasks/train.py"} <= files
     # sampling, RL losses and the CLI cannot change what SFT computes
-    assert not files & {"models/rollouts.py", "models/losses.py", "flows/cli.py"}
+    assert not files & {"models/generation/rollouts.py", "models/algorithms/losses.py", "flows/cli.py"}
     evaluate = {f.relative_to(REPO_ROOT).as_posix() for f in stage_source_files(("tasks.evaluate",))}
-    assert {"models/rollouts.py", "models/evaluation.py", "models/rewards/__init__.py"} <= evaluate
+    assert {"models/generation/rollouts.py", "models/generation/evaluation.py", "models/rewards/__init__.py"} <= evaluate
 
 
 def test_keys_of_configs_written_before_the_node_fields_are_unchanged():

@@ -1,4 +1,4 @@
-"""Conversational prompts: one rendering for every stage (models/chat.py), with the built-in
+"""Conversational prompts: one rendering for every stage (models/modeling/chat.py), with the built-in
 tokenizer's template and with SmolLM2's ChatML template (the tokenizer shipped in its GGUF file)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from data_contracts.errors import ContractError
 from data_contracts.preferences import validate_preferences
 from data_contracts.problems import validate_problems
 from data_contracts.sft import load_sft_dataset
-from models.chat import (
+from models.modeling.chat import (
     completion_end,
     encode_prompt,
     end_of_turn_id,
@@ -22,11 +22,11 @@ from models.chat import (
     uses_template,
 )
 from models.config import load_recipe
-from models.lm_loss import IGNORE
-from models.preference_pairs import encode_sequence
+from models.training.lm_loss import IGNORE
+from models.data.preference_pairs import encode_sequence
 from models.recipes.sft import tokenize_examples
-from models.rollouts import Rollout, SamplingParams, _eos_ids
-from models.tokenizer import build_tokenizer
+from models.generation.rollouts import Rollout, SamplingParams, _eos_ids
+from models.modeling.tokenizer import build_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 CONVERSATION = [
@@ -132,8 +132,8 @@ def test_contracts_take_conversational_prompts(tmp_path):
 def test_rejection_samples_keep_the_conversation_for_refine(chatml, monkeypatch):
     """The sample stage stores the prompt as the problem has it, so refine's SFT ids of a kept sample
     begin with exactly the ids it was sampled from."""
-    from models import samples as samples_mod
-    from models.sample_filter_config import SampleConfig
+    from models.generation import rejection_sampling as samples_mod
+    from models.recipes.sample_filter_config import SampleConfig
 
     seen = {}
 

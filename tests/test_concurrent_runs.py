@@ -244,8 +244,7 @@ def test_parallel_branches_call_a_cached_task_once(tmp_path):
 
 
 def test_gguf_conversion_runs_once_for_concurrent_callers(tmp_path, monkeypatch):
-    from models import gguf
-
+    from models.modeling import gguf
     calls = []
 
     def fake_convert(src, out, dtype, digest):

@@ -125,7 +125,7 @@ def test_invalid_json_and_non_object_lines(tmp_path):
 def test_good_problems_and_preferences(tmp_path):
     from dataclasses import asdict
 
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     train, _ = make_problems(0, n_train=5, n_test=0)
     p = write_jsonl_atomic([asdict(x) for x in train], tmp_path / "problems.jsonl")

@@ -17,14 +17,14 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
 import models.recipes.dpo as dpo_mod  # noqa: E402
-from models.builtin_task import make_problems  # noqa: E402
-from models.pref_config import DPOConfig, RewardModelConfig  # noqa: E402
-import models.preference_pairs as pairs_mod  # noqa: E402
-from models.preference_pairs import build_onpolicy_pairs, collate_sequences, encode_sequence  # noqa: E402
+from models.data.builtin_task import make_problems  # noqa: E402
+from models.recipes.preference_config import DPOConfig, RewardModelConfig  # noqa: E402
+import models.data.preference_pairs as pairs_mod  # noqa: E402
+from models.data.preference_pairs import build_onpolicy_pairs, collate_sequences, encode_sequence  # noqa: E402
 from models.recipes.dpo import train_dpo  # noqa: E402
 from models.recipes.reward_model import load_reward_scorer, train_reward_model  # noqa: E402
-from models.rollouts import Rollout, SamplingParams  # noqa: E402
-from models.tokenizer import build_tokenizer  # noqa: E402
+from models.generation.rollouts import Rollout, SamplingParams  # noqa: E402
+from models.modeling.tokenizer import build_tokenizer  # noqa: E402
 
 LN2 = math.log(2.0)
 
@@ -152,8 +152,8 @@ def test_second_dpo_step_metrics_are_the_loss_of_the_first_steps_weights(tiny_ba
     computed here by hand from sequence log-probs; the first step's gradient raised every margin."""
     from transformers import AutoModelForCausalLM
 
-    from models.engine import read_metrics
-    from models.preference_pairs import tokenize_pairs
+    from models.training.engine import read_metrics
+    from models.data.preference_pairs import tokenize_pairs
     from models.recipes.dpo import reference_logps
 
     one = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "one", max_steps=1, lr=3e-3))
@@ -243,8 +243,8 @@ def _accuracy(scorer, pref_file) -> float:
 
 
 def test_reward_model_learns_its_pairs_and_round_trips(tiny_base, pref_file, tmp_path):
-    from models.engine import read_metrics
-    from models.heads import RewardModel
+    from models.training.engine import read_metrics
+    from models.modeling.heads import RewardModel
 
     before = train_reward_model(rm_spec(tiny_base, pref_file, tmp_path / "r0", max_steps=1, lr=1e-12))
     after = train_reward_model(rm_spec(tiny_base, pref_file, tmp_path / "r1", max_steps=12, lr=3e-3))
@@ -295,7 +295,7 @@ def test_configs_reject_unknown_keys_and_smoothing_with_ipo():
 def test_two_ranks_train_on_rank0_pairs_and_match_one_rank(tiny_base, pref_file, tmp_path):
     """world_size 2 (torchrun, 2 x 4 pairs) gives the weights of world_size 1 (8 pairs); rank 1 reads
     rank 0's pairs.jsonl and ref_logps.pt instead of building its own."""
-    from models.launch import run_training
+    from models.training.launch import run_training
 
     one = train_dpo(dpo_spec(tiny_base, pref_file, tmp_path / "one"))
     spec = dpo_spec(tiny_base, pref_file, tmp_path / "two", world_size=2, micro_batch_size=4)

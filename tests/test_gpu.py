@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.cuda,
 def test_deepspeed_picks_the_cuda_accelerator():
     import os
 
-    from models.engine import ensure_distributed_env
+    from models.training.engine import ensure_distributed_env
 
     ensure_distributed_env()
     from deepspeed.accelerator import get_accelerator
@@ -24,10 +24,10 @@ def test_deepspeed_picks_the_cuda_accelerator():
 
 def test_sft_on_the_engine_trains_on_the_gpu(tiny_base, sft_file, tmp_path, monkeypatch):
     """Two bf16 SFT steps: every forward the loss sees runs on CUDA tensors and the loss is finite."""
-    import models.lm_loss as lm_loss
+    import models.training.lm_loss as lm_loss
     import models.recipes.sft as sft
     from models.config import SFTConfig
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     devices = set()
     real = lm_loss.packed_logits
@@ -48,7 +48,7 @@ def test_sft_on_the_engine_trains_on_the_gpu(tiny_base, sft_file, tmp_path, monk
 
 
 def test_packing_layouts_hold_on_the_gpu(tiny_base):
-    import models.packing as P
+    import models.training.packing as P
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).cuda().eval()

@@ -16,9 +16,9 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
 from helpers import accumulated_grads, build_half_solved_base, rl_spec  # noqa: E402
-from models.engine import StepContext, read_metrics  # noqa: E402
-from models.launch import run_training  # noqa: E402
-from models.losses import grpo_loss  # noqa: E402
+from models.training.engine import StepContext, read_metrics  # noqa: E402
+from models.training.launch import run_training  # noqa: E402
+from models.algorithms.losses import grpo_loss  # noqa: E402
 from models.recipes.grpo import (  # noqa: E402
     global_normalizer,
     grpo_step_fn,
@@ -26,9 +26,9 @@ from models.recipes.grpo import (  # noqa: E402
     make_global_batch,
     make_items,
 )
-from models.batching import EpochSampler  # noqa: E402
-from models.rl_config import GRPOConfig  # noqa: E402
-from models.rollouts import Rollout  # noqa: E402
+from models.training.batching import EpochSampler  # noqa: E402
+from models.recipes.rl_config import GRPOConfig  # noqa: E402
+from models.generation.rollouts import Rollout  # noqa: E402
 
 TARGET = "models.recipes.grpo:train_grpo"
 METRIC_KEYS = {
@@ -407,8 +407,8 @@ def test_dynamic_sampling_refills_the_batch_with_groups_whose_rewards_differ(mon
     all correct (rewards agree: no signal) or half correct; the batch keeps the first num_prompts
     groups that differ, drawing extra prompts from the refill stream round by round."""
     import models.recipes.grpo as G
-    from models.chat import encode_prompt
-    from models.tokenizer import build_tokenizer
+    from models.modeling.chat import encode_prompt
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     problems = [{"id": f"p{i}", "prompt": f"Q: {i}+0\nA:", "answer": str(i)} for i in range(8)]

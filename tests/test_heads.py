@@ -1,4 +1,4 @@
-"""models/heads.py on a tiny random Llama (hidden 16, 2 layers, vocab 20)."""
+"""models/modeling/heads.py on a tiny random Llama (hidden 16, 2 layers, vocab 20)."""
 
 import math
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.heads import (
+from models.modeling.heads import (
     SCORE_HEAD_FILE,
     CausalLMWithValueHead,
     RewardModel,
     ScalarHead,
     position_ids_from_mask,
 )
-from models.losses import last_valid_index
+from models.algorithms.losses import last_valid_index
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ too. A violation is reported as `path:line: import …`.
 
 The rules the code follows:
 - `models/` (the ML core) imports neither `prefect` nor `mlflow`, nor the layers above it (`tasks`, `flows`).
+- `models/algorithms/` (the pure algorithms) imports no model code: neither transformers, DeepSpeed
+  nor peft, nor `models.training`, `models.generation`, `models.modeling` or `models.data`.
 - `data_contracts/` (schemas) imports nothing of `models`, `tasks` or `flows`.
 - `tasks/tracking.py` is the only module of `models/`, `data_contracts/`, `tasks/` and `flows/` that
   imports `mlflow` (flows reach MLflow through tasks.tracking too). Tests may use mlflow directly to
@@ -33,14 +35,15 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def violations(folder: str, forbidden: set[str], allowed_files: frozenset[str] = frozenset(), root: Path = ROOT) -> list[str]:
-    """`path:line: import name` for each import under root/folder whose top-level package is forbidden."""
+    """`path:line: import name` for each import under root/folder of a forbidden package or module
+    (`models.training` forbids it and everything under it)."""
     found = []
     for path in sorted((root / folder).rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if rel in allowed_files:
             continue
         for line, name in imported_modules(path):
-            if name.split(".")[0] in forbidden:
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
                 found.append(f"{rel}:{line}: import {name}")
     return found
 
@@ -49,6 +52,10 @@ def violations(folder: str, forbidden: set[str], allowed_files: frozenset[str] =
     "folder, forbidden, allowed",
     [
         ("models", {"prefect", "mlflow", "tasks", "flows"}, frozenset()),
+        # the pure algorithms (advantages, losses, KL, log-probs, metrics, filters, reasoning stats)
+        # are functions of tensors and tables: no model, engine, sampler or data pipeline
+        ("models/algorithms", {"transformers", "deepspeed", "peft", "models.training", "models.generation",
+                               "models.modeling", "models.data"}, frozenset()),
         ("data_contracts", {"models", "tasks", "flows"}, frozenset()),
         ("tasks", {"mlflow"}, frozenset({"tasks/tracking.py"})),
         ("flows", {"mlflow"}, frozenset()),

@@ -56,7 +56,7 @@ def _kill_when(predicate, what: str):
 
 
 def _fault(pattern: str):
-    """POSTTRAIN_FAULT: the run SIGKILLs its own process group at the named point (models/faults.py)."""
+    """POSTTRAIN_FAULT: the run SIGKILLs its own process group at the named point (models/training/faults.py)."""
     def kill(proc, state):
         try:
             assert proc.wait(timeout=900) == -signal.SIGKILL, f"POSTTRAIN_FAULT={pattern} never fired"

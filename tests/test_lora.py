@@ -1,4 +1,4 @@
-"""LoRA adapters and gradient checkpointing in every training stage (models/lora.py, the engine loop's
+"""LoRA adapters and gradient checkpointing in every training stage (models/modeling/lora.py, the engine loop's
 trainable-only checkpoints, the recipes' merged outputs)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 
 from helpers import build_half_solved_base, rl_spec  # noqa: E402
 from models.config import SFTConfig, load_recipe
-from models.lora import (ADAPTER_DIR, AdaptersOff, LoraConfig, adapters_disabled, apply_lora, merged_state_dict,
+from models.modeling.lora import (ADAPTER_DIR, AdaptersOff, LoraConfig, adapters_disabled, apply_lora, merged_state_dict,
                          trainable_bytes)
-from models.pref_config import DPOConfig, RewardModelConfig
-from models.ppo_config import PPOConfig
-from models.rl_config import GRPOConfig
+from models.recipes.preference_config import DPOConfig, RewardModelConfig
+from models.recipes.ppo_config import PPOConfig
+from models.recipes.rl_config import GRPOConfig
 
 
 def _load(path):
@@ -110,7 +110,7 @@ def test_adapters_start_at_zero_train_alone_and_can_be_switched_off():
 
 
 def test_padding_free_forward_of_an_adapted_model_and_of_its_adapters_off_view():
-    from models.packing import STATS, packed_logits, verify
+    from models.training.packing import STATS, packed_logits, verify
 
     model = _tiny_llama(vocab=100)
     apply_lora(model, LoraConfig(r=4))
@@ -187,7 +187,7 @@ def _sft(base, data, workdir, **over):
 def test_lora_sft_lowers_the_loss_and_merged_equals_base_plus_adapter(tiny_base, sft_file, tmp_path):
     from peft import PeftModel
 
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     res = _sft(tiny_base, sft_file, tmp_path / "run", max_steps=20, lr=1e-2, save_every=20,
                lora={"r": 8})
@@ -209,8 +209,8 @@ def test_lora_sft_lowers_the_loss_and_merged_equals_base_plus_adapter(tiny_base,
 
 
 def test_lora_checkpoints_are_a_fraction_of_full_ones(tmp_path, sft_file):
-    from models.tiny_model import save_hf
-    from models.tokenizer import build_tokenizer
+    from models.modeling.tiny_model import save_hf
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     model = _tiny_llama(hidden=192, heads=6, kv=2, layers=4, inter=512, vocab=len(tok))
@@ -252,9 +252,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_base, sft
     from transformers import AutoTokenizer
 
     from data_contracts.sft import load_sft_dataset
-    from models.lora import enable_gradient_checkpointing
-    from models.packing import verify as verify_packing
-    from models.lm_loss import causal_lm_nll_sum, collate
+    from models.modeling.lora import enable_gradient_checkpointing
+    from models.training.packing import verify as verify_packing
+    from models.training.lm_loss import causal_lm_nll_sum, collate
     from models.recipes.sft import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
@@ -288,7 +288,7 @@ def rl_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pref_file(tmp_path_factory) -> Path:
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     rows = []
     for p in make_problems(0, 8, 1, 2, 3)[0]:
@@ -325,7 +325,7 @@ def _no_second_model(monkeypatch):
 
 
 def test_lora_dpo_trains_two_steps_to_a_plain_output(tiny_base, pref_file, tmp_path):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
     from models.recipes.dpo import train_dpo
 
     res = train_dpo(_pref_spec(DPOConfig, tiny_base, pref_file, tmp_path / "dpo", gradient_checkpointing=True))
@@ -337,7 +337,7 @@ def test_lora_dpo_trains_two_steps_to_a_plain_output(tiny_base, pref_file, tmp_p
 
 
 def test_lora_reward_model_trains_its_head_in_full_and_loads(tiny_base, pref_file, tmp_path):
-    from models.heads import RewardModel
+    from models.modeling.heads import RewardModel
     from models.recipes.reward_model import load_reward_scorer, train_reward_model
 
     res = train_reward_model(_pref_spec(RewardModelConfig, tiny_base, pref_file, tmp_path / "rm"))
@@ -355,7 +355,7 @@ def test_lora_reward_model_trains_its_head_in_full_and_loads(tiny_base, pref_fil
 
 
 def test_lora_grpo_with_kl_uses_the_policy_with_adapters_off_as_reference(rl_base, tmp_path, monkeypatch):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
     from models.recipes.grpo import train_grpo
 
     _no_second_model(monkeypatch)
@@ -367,7 +367,7 @@ def test_lora_grpo_with_kl_uses_the_policy_with_adapters_off_as_reference(rl_bas
 
 
 def test_lora_ppo_with_kl_trains_to_a_plain_output_and_value_head(rl_base, tmp_path, monkeypatch):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
     from models.recipes.ppo import VALUE_HEAD_FILE, train_ppo
 
     _no_second_model(monkeypatch)

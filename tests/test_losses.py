@@ -1,12 +1,12 @@
-"""Hand-computed checks of models/logprobs.py, models/kl.py and models/losses.py."""
+"""Hand-computed checks of models/algorithms/logprobs.py, models/algorithms/kl.py and models/algorithms/losses.py."""
 
 import math
 
 import pytest
 import torch
 
-from models.kl import kl_estimate
-from models.logprobs import (
+from models.algorithms.kl import kl_estimate
+from models.algorithms.logprobs import (
     entropy_from_logits,
     masked_mean,
     masked_sum,
@@ -14,7 +14,7 @@ from models.logprobs import (
     masked_whiten,
     token_logprobs,
 )
-from models.losses import (
+from models.algorithms.losses import (
     aggregate_token_loss,
     bradley_terry_loss,
     dpo_loss,

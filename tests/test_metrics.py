@@ -1,4 +1,4 @@
-"""Tests of models/metrics.py (hand-computed) and models/evaluation.py (on a tiny random Llama)."""
+"""Tests of models/algorithms/metrics.py (hand-computed) and models/generation/evaluation.py (on a tiny random Llama)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from models.evaluation import evaluate
-from models.metrics import majority_at_k, majority_vote, pass_at_k
+from models.generation.evaluation import evaluate
+from models.algorithms.metrics import majority_at_k, majority_vote, pass_at_k
 
 
 def test_pass_at_k_by_hand():
@@ -68,8 +68,8 @@ def test_majority_at_k_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from models.tiny_model import build_tiny_model
-    from models.tokenizer import build_tokenizer
+    from models.modeling.tiny_model import build_tiny_model
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     return build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, intermediate_size=64), tok

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models.config import SFTConfig
-from models.launch import RDZV_FILE, MultiNodeError, run_training
+from models.training.launch import RDZV_FILE, MultiNodeError, run_training
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = "models.recipes.sft:train_sft"
@@ -42,13 +42,13 @@ def test_node_layout_resolves_and_refuses_disagreeing_fields():
     ]:
         with pytest.raises(ValidationError, match=re.escape(why)):
             SFTConfig(**bad)
-    from models.rl_config import GRPOConfig
+    from models.recipes.rl_config import GRPOConfig
 
     assert GRPOConfig(num_prompts=4, num_generations=4, nnodes=2).micro_batch_size == 8
 
 
 def test_endpoint_forms():
-    from models.train_config import parse_endpoint
+    from models.recipes.train_config import parse_endpoint
 
     assert parse_endpoint("node0") == ("node0", None)
     assert parse_endpoint("10.0.0.1:29400") == ("10.0.0.1", 29400)
@@ -117,7 +117,7 @@ def _same_weights(a_dir, b_dir):
 
 @pytest.mark.slow
 def test_zero3_two_nodes_matches_one_process(one_process, tiny_base, sft_file, tmp_path, capfd):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     wd = tmp_path / "two-nodes"
     wd.mkdir()
@@ -157,7 +157,7 @@ def test_a_node_that_never_arrives_fails_the_stage_after_the_timeout(tiny_base, 
 
 @pytest.mark.slow
 def test_killed_node_fails_the_stage_and_a_rerun_resumes_it(one_process, tiny_base, sft_file, tmp_path):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     wd = tmp_path / "work" / "sft-killed"  # a stage work dir in a state dir (tmp_path)
     spec = _spec(tiny_base, sft_file, wd, **TWO_NODES)

@@ -1,4 +1,4 @@
-"""Padding-free forwards (models/packing.py): the packed, prefix-tree and segments layouts give the
+"""Padding-free forwards (models/training/packing.py): the packed, prefix-tree and segments layouts give the
 padded batch's logits and gradients (eager and under torch.compile), and anything unverified falls
 back to the padded forward."""
 
@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import models.packing as P
+import models.training.packing as P
 
 
 @pytest.fixture(scope="module")
 def model():
-    from models.tiny_model import build_tiny_model
-    from models.tokenizer import build_tokenizer
+    from models.modeling.tiny_model import build_tiny_model
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     return build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

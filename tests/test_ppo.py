@@ -16,10 +16,10 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
 from helpers import accumulated_grads, build_half_solved_base, rl_spec  # noqa: E402
-from models.engine import StepContext, read_metrics  # noqa: E402
-from models.heads import CausalLMWithValueHead  # noqa: E402
-from models.launch import run_training  # noqa: E402
-from models.ppo_config import PPOConfig  # noqa: E402
+from models.training.engine import StepContext, read_metrics  # noqa: E402
+from models.modeling.heads import CausalLMWithValueHead  # noqa: E402
+from models.training.launch import run_training  # noqa: E402
+from models.recipes.ppo_config import PPOConfig  # noqa: E402
 from models.recipes.grpo import load_problems  # noqa: E402
 from models.recipes.ppo import VALUE_HEAD_FILE, make_global_batch, ppo_step_fn, ppo_targets  # noqa: E402
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from models.losses import grpo_loss
-from models.reasoning import BUILTIN_MARKERS, aha_step, chunk_metrics, marker_flags, smooth
+from models.algorithms.losses import grpo_loss
+from models.algorithms.reasoning import BUILTIN_MARKERS, aha_step, chunk_metrics, marker_flags, smooth
 
 
 @pytest.mark.parametrize("text,step_by_step,self_check", [

@@ -198,13 +198,12 @@ def test_math_never_raises_on_garbage():
 
 # --- builtin_task --------------------------------------------------------------------------------
 
-HAS_BUILTIN_TASK = importlib.util.find_spec("models.builtin_task") is not None
+HAS_BUILTIN_TASK = importlib.util.find_spec("models.data.builtin_task") is not None
 
 
-@pytest.mark.skipif(not HAS_BUILTIN_TASK, reason="models/builtin_task.py not written yet")
+@pytest.mark.skipif(not HAS_BUILTIN_TASK, reason="models/data/builtin_task.py not written yet")
 def test_builtin_task_reward_wraps_the_task_verifier():
-    from models import builtin_task
-
+    from models.data import builtin_task
     reward = get_reward("builtin_task")
     for completion, reference in [
         ("<think>1+2=3</think><answer>3</answer>", "3"),
@@ -220,11 +219,11 @@ def test_builtin_task_reward_wraps_the_task_verifier():
 def test_builtin_task_reward_turns_verifier_errors_into_none(monkeypatch):
     import types
 
-    fake = types.ModuleType("models.builtin_task")
+    fake = types.ModuleType("models.data.builtin_task")
 
     def broken(prompt, completion, reference):
         raise ValueError("bug in the task verifier")
 
     fake.verify = broken
-    monkeypatch.setitem(sys.modules, "models.builtin_task", fake)
+    monkeypatch.setitem(sys.modules, "models.data.builtin_task", fake)
     assert get_reward("builtin_task")("", "<answer>3</answer>", "3") is None

@@ -1,4 +1,4 @@
-"""Tests of models/rollouts.py on a tiny random Llama and a char-level tokenizer built here."""
+"""Tests of models/generation/rollouts.py on a tiny random Llama and a char-level tokenizer built here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.rollouts import SamplingParams, filtered_logprobs, sample
+from models.generation.rollouts import SamplingParams, filtered_logprobs, sample
 
 CHARS = "0123456789+-=*/() QA:?\nabcdefghijklmnopqrstuvwxyz"  # 50 chars -> vocab 57 > top_k=50
 
@@ -240,8 +240,8 @@ def test_chunking_equals_one_batch_for_greedy(tok, model):
 
 
 def test_with_project_tokenizer_and_tiny_model():
-    tiny = pytest.importorskip("models.tiny_model")
-    tokmod = pytest.importorskip("models.tokenizer")
+    tiny = pytest.importorskip("models.modeling.tiny_model")
+    tokmod = pytest.importorskip("models.modeling.tokenizer")
     tok = tokmod.build_tokenizer()
     model = tiny.build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, intermediate_size=64)
     params = SamplingParams(max_new_tokens=10, temperature=1.0)

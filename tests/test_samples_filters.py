@@ -1,5 +1,5 @@
-"""Rejection sampling: the sampler's determinism and contract (models/samples.py), every filter alone
-and composed (models/filters.py), and the configs (models/sample_filter_config.py)."""
+"""Rejection sampling: the sampler's determinism and contract (models/generation/rejection_sampling.py), every filter alone
+and composed (models/algorithms/filters.py), and the configs (models/recipes/sample_filter_config.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from models.filters import (
+from models.algorithms.filters import (
     NothingSurvivedError,
     apply_filters,
     filter_best_of_n,
@@ -18,7 +18,7 @@ from models.filters import (
     filter_reward,
     normalize_completion,
 )
-from models.sample_filter_config import FILTER_NAMES, FilterConfig, SampleConfig
+from models.recipes.sample_filter_config import FILTER_NAMES, FilterConfig, SampleConfig
 
 GOOD = "<think>a b</think><answer>1</answer>"
 # id, prompt_id, completion, reward/format, total, length
@@ -183,8 +183,8 @@ def test_filter_config_rejects_bad_order_and_unknown_keys():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from models.tiny_model import build_tiny_model
-    from models.tokenizer import build_tokenizer
+    from models.modeling.tiny_model import build_tiny_model
+    from models.modeling.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -193,7 +193,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def problems():
-    from models.builtin_task import make_problems
+    from models.data.builtin_task import make_problems
 
     train, _ = make_problems(0, 4, 1)
     return [{"id": p.id, "prompt": p.prompt, "answer": p.answer} for p in train]
@@ -206,7 +206,7 @@ def small_cfg(**kw) -> SampleConfig:
 
 def test_samples_match_contract_and_order(tiny, problems):
     from data_contracts.samples import reward_columns, validate_samples
-    from models.samples import generate_samples
+    from models.generation.rejection_sampling import generate_samples
 
     df = generate_samples(*tiny, problems, small_cfg())
     validate_samples(df, "<generated>")
@@ -223,7 +223,7 @@ def test_samples_match_contract_and_order(tiny, problems):
 def test_samples_deterministic_digest(tiny, problems, tmp_path):
     from data_contracts.artifacts import digest_path
     from data_contracts.io import write_jsonl_atomic
-    from models.samples import generate_samples
+    from models.generation.rejection_sampling import generate_samples
 
     a = write_jsonl_atomic(generate_samples(*tiny, problems, small_cfg()), tmp_path / "a.jsonl")
     b = write_jsonl_atomic(generate_samples(*tiny, problems, small_cfg()), tmp_path / "b.jsonl")
@@ -236,7 +236,7 @@ def test_samples_round_trip_through_file_and_filters(tiny, problems, tmp_path):
     from data_contracts.io import read_table, write_jsonl_atomic
     from data_contracts.samples import validate_samples
     from data_contracts.sft import validate_sft
-    from models.samples import generate_samples, samples_to_sft
+    from models.generation.rejection_sampling import generate_samples, samples_to_sft
 
     path = write_jsonl_atomic(generate_samples(*tiny, problems, small_cfg()), tmp_path / "s.jsonl")
     back = validate_samples(read_table(path), str(path))  # object dtype, as the filter stage reads it
@@ -250,7 +250,7 @@ def test_samples_round_trip_through_file_and_filters(tiny, problems, tmp_path):
 
 
 def test_samples_to_sft_drops_blank_completions():
-    from models.samples import samples_to_sft
+    from models.generation.rejection_sampling import samples_to_sft
 
     df = pd.DataFrame({"prompt": ["Q: 1\nA:"] * 3, "completion": [GOOD, "  ", "<answer>1</answer>"], "total": 1.0})
     out = samples_to_sft(df)
@@ -258,7 +258,7 @@ def test_samples_to_sft_drops_blank_completions():
 
 
 def test_unknown_reward_fails_before_sampling(tiny, problems):
-    from models.samples import generate_samples
+    from models.generation.rejection_sampling import generate_samples
 
     with pytest.raises(ValueError, match="unknown reward"):
         generate_samples(*tiny, problems, small_cfg(rewards={"nope": 1.0}))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models.config import SFTConfig
-from models.batching import EpochSampler
-from models.lm_loss import IGNORE, causal_lm_nll_sum, collate, n_label_tokens
+from models.training.batching import EpochSampler
+from models.training.lm_loss import IGNORE, causal_lm_nll_sum, collate, n_label_tokens
 from models.recipes.sft import tokenize_examples
-from models.tokenizer import build_tokenizer
+from models.modeling.tokenizer import build_tokenizer
 
 
 def test_completion_only_masking_by_hand():
@@ -147,7 +147,7 @@ def test_torch_compile_and_the_adamw_kernels_train_the_same_weights(tiny_base, s
 
 
 def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft_file, tmp_path):
-    from models.engine import read_metrics
+    from models.training.engine import read_metrics
 
     straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2)
 
@@ -181,8 +181,8 @@ def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft
 def test_a_checkpoint_killed_before_its_commit_is_never_resumed_from(tiny_base, sft_file, tmp_path, monkeypatch):
     """A save interrupted after its files are on disk but before `latest` names it: resume goes on from
     the previous committed checkpoint, drops the uncommitted tag, and ends on the same weights."""
-    import models.engine as engine_mod
-    from models.engine import latest_checkpoint_step, read_metrics
+    import models.training.engine as engine_mod
+    from models.training.engine import latest_checkpoint_step, read_metrics
 
     straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2)
     # a finished stage keeps its final checkpoint only (keep_checkpoints applies while it trains)
@@ -215,7 +215,7 @@ def test_stale_op_build_locks_are_cleared(tmp_path):
     import os
     import time
 
-    from models.engine import clear_stale_op_locks
+    from models.training.engine import clear_stale_op_locks
 
     stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
     for lock in (stale, fresh):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from models.builtin_task import TASK_VERSION, make_problem
-from models.tiny_model import build_tiny_model, save_hf, tiny_config
-from models.tokenizer import build_tokenizer
+from models.data.builtin_task import TASK_VERSION, make_problem
+from models.modeling.tiny_model import build_tiny_model, save_hf, tiny_config
+from models.modeling.tokenizer import build_tokenizer
 
 SAMPLE = make_problem("x", "4-0+2-7")
 TEXT = SAMPLE.prompt + SAMPLE.solution

@@ -1,5 +1,5 @@
 """DPO recipe: Direct Preference Optimization (Rafailov et al. 2023) or IPO (Azar et al. 2023) on the one
-DeepSpeed engine loop. The pairs come from `models/preference_pairs.py`, which the reward-model
+DeepSpeed engine loop. The pairs come from `models/data/preference_pairs.py`, which the reward-model
 recipe shares.
 
 1. Pairs. Either a preference file in TRL's format (prompt, chosen, rejected) or pairs built
@@ -13,7 +13,7 @@ recipe shares.
    forward, no second copy of the weights in memory).
 3. Per step: one policy forward over the 2 x pairs sequences (chosen rows, then rejected rows),
    completion-only log-probs summed per sequence (averaged for IPO, as in its paper), and
-   `models.losses.dpo_loss` (with `rpo_alpha`, plus the chosen completion's per-token NLL: RPO).
+   `models.algorithms.losses.dpo_loss` (with `rpo_alpha`, plus the chosen completion's per-token NLL: RPO).
    Each pair's loss is divided by the pairs of the *global* batch, so any
    split into micro-batches, accumulation steps or ranks gives the gradient of one batch.
 
@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from models.batching import EpochSampler
-from models.checkpoints import save_hf_dir
-from models.device import device_of, to_device
-from models.engine import StepContext, loop_result, rank_world, run_loop
-from models.logprobs import token_logprobs
-from models.lora import prepare_backbone
-from models.losses import dpo_loss, sequence_logps
-from models.packing import packed_logits, verify as verify_packing
-from models.pref_config import DPOConfig
-from models.preference_pairs import PAIRS_FILE, wait_for_rank0, collate_sequences, prepare_pairs, tokenize_pairs
+from models.training.batching import EpochSampler
+from models.training.checkpoints import save_hf_dir
+from models.modeling.device import device_of, to_device
+from models.training.engine import StepContext, loop_result, rank_world, run_loop
+from models.algorithms.logprobs import token_logprobs
+from models.modeling.lora import prepare_backbone
+from models.algorithms.losses import dpo_loss, sequence_logps
+from models.training.packing import packed_logits, verify as verify_packing
+from models.recipes.preference_config import DPOConfig
+from models.data.preference_pairs import PAIRS_FILE, wait_for_rank0, collate_sequences, prepare_pairs, tokenize_pairs
 
 REF_FILE = "ref_logps.pt"
 
@@ -171,7 +171,7 @@ def train_dpo(spec: dict, on_log=None) -> dict:
     items, dropped = tokenize_pairs(rows, tokenizer, cfg.max_seq_len, cfg.chat_template)
     if not items:
         raise ValueError(f"no preference pair fits max_seq_len={cfg.max_seq_len}")
-    verify_packing(model)  # padding-free forwards, checked before the engine wraps it (models/packing.py)
+    verify_packing(model)  # padding-free forwards, checked before the engine wraps it (models/training/packing.py)
     if not (workdir / "output" / ".complete").exists():
         # Before run_loop: `model` still holds the starting weights, i.e. it *is* the reference.
         load_or_compute_reference(model, items, pad_id, workdir, cfg.micro_batch_size)

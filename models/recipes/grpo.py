@@ -13,7 +13,7 @@ updates per rollout batch):
    whole global batch identically (same weights, same seed).
 2. `step_fn`: one forward of the policy on prompt + completion, per-token log-probs of the
    completion under softmax(logits / temperature) (the distribution the sampler drew from), and the
-   clipped surrogate of `models.losses.grpo_loss` with the loss normaliser of the *global* batch,
+   clipped surrogate of `models.algorithms.losses.grpo_loss` with the loss normaliser of the *global* batch,
    so any split into micro-batches, accumulation steps and ranks gives the gradient of one batch.
 
 With μ = 1 the old policy is the current one (`old_logprobs = logprobs.detach()`, ratio 1, the clip
@@ -37,17 +37,17 @@ from pathlib import Path
 
 import torch
 
-from models.advantages import group_relative_advantages, soft_overlong_penalty
-from models.batching import EpochSampler, collate_completions
-from models.chat import problem_prompt_ids, prompt_text
-from models.checkpoints import save_hf_dir
-from models.device import device_of, to_device
-from models.engine import StepContext, run_loop
-from models.logprobs import entropy_from_logits, masked_sum, token_logprobs
-from models.lora import prepare_backbone
-from models.losses import grpo_loss
-from models.packing import packed_logits, verify as verify_packing
-from models.reasoning import chunk_metrics, marker_flags
+from models.algorithms.advantages import group_relative_advantages, soft_overlong_penalty
+from models.training.batching import EpochSampler, collate_completions
+from models.modeling.chat import problem_prompt_ids, prompt_text
+from models.training.checkpoints import save_hf_dir
+from models.modeling.device import device_of, to_device
+from models.training.engine import StepContext, run_loop
+from models.algorithms.logprobs import entropy_from_logits, masked_sum, token_logprobs
+from models.modeling.lora import prepare_backbone
+from models.algorithms.losses import grpo_loss
+from models.training.packing import packed_logits, verify as verify_packing
+from models.algorithms.reasoning import chunk_metrics, marker_flags
 from models.recipes.rollout_common import (
     load_causal_lm,
     load_problems,
@@ -65,8 +65,8 @@ from models.recipes.rollout_common import (
 )
 from models.rewards import combine_rewards
 from models.rewards.format import has_think_answer_format
-from models.rl_config import GRPOConfig
-from models.rollouts import SamplingParams, sample
+from models.recipes.rl_config import GRPOConfig
+from models.generation.rollouts import SamplingParams, sample
 
 BATCH_STATS = ("reward_std", "frac_zero_std", "frac_unjudged", "sampling_rounds")
 
@@ -241,7 +241,7 @@ def collate_rollouts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def global_normalizer(items: list[dict], loss_type: str) -> float:
-    """`models.losses.loss_normalizer` of the whole global batch's loss mask, from lengths alone:
+    """`models.algorithms.losses.loss_normalizer` of the whole global batch's loss mask, from lengths alone:
     completion tokens of weighted rows (token_mean), weighted non-empty rows (seq_mean_token_mean),
     or every row (seq_mean_token_sum_norm: Dr. GRPO's constant, whatever rows were dropped)."""
     if loss_type == "seq_mean_token_sum_norm":

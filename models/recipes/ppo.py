@@ -19,7 +19,7 @@ The trained module is `CausalLMWithValueHead(policy)`: policy and critic share t
 2. `step_fn`: forward policy + value head on prompt + completion, the clipped surrogate
    (`ppo_policy_loss`) plus vf_coef x the clipped value loss (`ppo_value_loss`), both divided by the
    completion-token count of the *global* batch, so any split into micro-batches, accumulation steps
-   and ranks gives the gradient of one big batch (see models/engine.py, loss_scale).
+   and ranks gives the gradient of one big batch (see models/training/engine.py, loss_scale).
 
 With ppo_epochs = E > 1, optimizer steps s, s+1, ..., s+E-1 (s a multiple of E) all train on the
 rollouts built at step s (kept in memory; checkpoints only fall on multiples of E, so a resume
@@ -40,25 +40,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.advantages import gae
-from models.batching import EpochSampler, collate_completions
-from models.checkpoints import save_hf_dir
-from models.chat import problem_prompt_ids, prompt_text
-from models.device import device_of, to_device
-from models.engine import StepContext, run_loop
-from models.heads import CausalLMWithValueHead
-from models.kl import kl_estimate
-from models.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
-from models.lora import prepare_backbone
-from models.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
-from models.ppo_config import PPOConfig
-from models.reasoning import chunk_metrics, marker_flags
+from models.algorithms.advantages import gae
+from models.training.batching import EpochSampler, collate_completions
+from models.training.checkpoints import save_hf_dir
+from models.modeling.chat import problem_prompt_ids, prompt_text
+from models.modeling.device import device_of, to_device
+from models.training.engine import StepContext, run_loop
+from models.modeling.heads import CausalLMWithValueHead
+from models.algorithms.kl import kl_estimate
+from models.algorithms.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
+from models.modeling.lora import prepare_backbone
+from models.algorithms.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
+from models.recipes.ppo_config import PPOConfig
+from models.algorithms.reasoning import chunk_metrics, marker_flags
 from models.recipes.rollout_common import (load_causal_lm, logs_batch, pad_token_id, reference_policy,
                                            resolve_problems, reused_batches, rollout_logger, rollout_result, rollout_seed,
                                            sampling_policy, zero3_shadow)
 from models.rewards import combine_rewards
 from models.rewards.format import has_think_answer_format
-from models.rollouts import SamplingParams, sample
+from models.generation.rollouts import SamplingParams, sample
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 TOKEN_FIELDS = ("old_logprobs", "old_values", "advantages", "returns")

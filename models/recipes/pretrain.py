@@ -7,14 +7,14 @@ same engine loop as every other stage.
 
 from __future__ import annotations
 
-from models import builtin_task
+from models.data import builtin_task
 from models.config import PretrainConfig, TaskConfig
-from models.engine import run_loop
-from models.lora import prepare_backbone
-from models.batching import EpochSampler
-from models.lm_loss import lm_step_fn
-from models.tiny_model import build_tiny_model, save_hf
-from models.tokenizer import build_tokenizer
+from models.training.engine import run_loop
+from models.modeling.lora import prepare_backbone
+from models.training.batching import EpochSampler
+from models.training.lm_loss import lm_step_fn
+from models.modeling.tiny_model import build_tiny_model, save_hf
+from models.modeling.tokenizer import build_tokenizer
 
 
 def pack_documents(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:

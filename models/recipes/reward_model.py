@@ -1,6 +1,6 @@
 """Reward-model recipe: a Bradley–Terry scorer of (prompt, completion) on the one DeepSpeed engine loop.
 
-The model is `models.heads.RewardModel`: the starting checkpoint's backbone plus a scalar head read at
+The model is `models.modeling.heads.RewardModel`: the starting checkpoint's backbone plus a scalar head read at
 the last real token of prompt + completion + EOS (ending every sequence with EOS gives the head one
 fixed place to read, whatever the completion's last token is). Pairs come from the same place as
 DPO's (`models.recipes.dpo.prepare_pairs`: a preference file, or correct-vs-incorrect samples of the
@@ -27,15 +27,15 @@ from typing import Callable
 
 import torch
 
-from models.batching import EpochSampler, pad_right
-from models.chat import completion_end
-from models.device import device_of, to_device, training_device
-from models.engine import StepContext, loop_result, run_loop
-from models.heads import RewardModel
-from models.lora import ADAPTER_DIR, has_adapters, prepare_backbone, save_adapter
-from models.losses import bradley_terry_loss
-from models.pref_config import RewardModelConfig
-from models.preference_pairs import PAIRS_FILE, encode_sequence, prepare_pairs, tokenize_pairs
+from models.training.batching import EpochSampler, pad_right
+from models.modeling.chat import completion_end
+from models.modeling.device import device_of, to_device, training_device
+from models.training.engine import StepContext, loop_result, run_loop
+from models.modeling.heads import RewardModel
+from models.modeling.lora import ADAPTER_DIR, has_adapters, prepare_backbone, save_adapter
+from models.algorithms.losses import bradley_terry_loss
+from models.recipes.preference_config import RewardModelConfig
+from models.data.preference_pairs import PAIRS_FILE, encode_sequence, prepare_pairs, tokenize_pairs
 
 REWARD_MODEL_KIND = "reward_model"
 

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.device import training_device
-from models.engine import deepspeed_config, latest_checkpoint_step, truncate_jsonl_after
+from models.modeling.device import training_device
+from models.training.engine import deepspeed_config, latest_checkpoint_step, truncate_jsonl_after
 
 # ----------------------------------------------------------------------------- data
 
@@ -70,7 +70,7 @@ def reference_policy(model: torch.nn.Module, path: str, cfg):
     """The frozen start policy of a KL penalty: with LoRA (`cfg.lora`) the trained model itself with
     its adapters switched off (no second copy of the weights), else the checkpoint at `path` loaded
     again, frozen."""
-    from models.lora import AdaptersOff
+    from models.modeling.lora import AdaptersOff
 
     return AdaptersOff(model) if cfg.lora is not None else load_causal_lm(path, frozen=True)
 

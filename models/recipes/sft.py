@@ -14,14 +14,14 @@ import sys
 
 import torch
 
-from models.chat import ChatTemplate, as_messages, completion_content, completion_end, encode_completion, encode_prompt
+from models.modeling.chat import ChatTemplate, as_messages, completion_content, completion_end, encode_completion, encode_prompt
 from models.config import SFTConfig
-from models.batching import EpochSampler
-from models.checkpoints import save_hf_dir
-from models.engine import run_loop
-from models.lm_loss import IGNORE, lm_step_fn
-from models.lora import prepare_backbone
-from models.packing import verify as verify_packing
+from models.training.batching import EpochSampler
+from models.training.checkpoints import save_hf_dir
+from models.training.engine import run_loop
+from models.training.lm_loss import IGNORE, lm_step_fn
+from models.modeling.lora import prepare_backbone
+from models.training.packing import verify as verify_packing
 
 
 # ----------------------------------------------------------------------------- data
@@ -29,7 +29,7 @@ from models.packing import verify as verify_packing
 
 def render_example(row: dict, fmt: str) -> tuple[object, str]:
     """(prompt, completion text) of one validated example in TRL's formats; the prompt is a string or
-    a conversation, rendered by `models.chat` as every stage renders it."""
+    a conversation, rendered by `models.modeling.chat` as every stage renders it."""
     if fmt == "prompt_completion":
         return row["prompt"], completion_content(row["completion"])
     messages = as_messages(row["messages"])
@@ -42,7 +42,7 @@ def tokenize_examples(
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
     """[(input_ids, labels)] and how many examples were dropped for having no completion room.
 
-    The prompt ids are `models.chat.encode_prompt`'s, the ids the sampler is fed for the same prompt;
+    The prompt ids are `models.modeling.chat.encode_prompt`'s, the ids the sampler is fed for the same prompt;
     the completion ends with the template's end-of-turn token for a templated prompt, else EOS.
     `stats`, when given, gets what a user should hear about their data: `truncated` (rows cut to
     max_seq_len, kept) and `unk` (rows with text the vocabulary reads as the unknown token), each a
@@ -124,7 +124,7 @@ def train_sft(spec: dict, on_log=None) -> dict:
     def global_batch(step: int):
         return [examples[i] for i in sampler.indices(step * cfg.batch_size, cfg.batch_size)]
 
-    verify_packing(model)  # before the engine wraps it (see models/packing.py)
+    verify_packing(model)  # before the engine wraps it (see models/training/packing.py)
     res = run_loop(
         model, cfg, spec["workdir"], global_batch, lm_step_fn(pad_id),
         save_hf_dir(tokenizer, spec["base_path"]), on_log=on_log,

@@ -1,5 +1,5 @@
 """Typed configs of the RL stages: `RolloutConfig`, the sampling and batch fields shared by the
-on-policy stages, and GRPO (PPO extends the same base in `models/ppo_config.py`).
+on-policy stages, and GRPO (PPO extends the same base in `models/recipes/ppo_config.py`).
 
 Field names follow TRL's `GRPOConfig` where one exists (`num_generations`, `beta`, `epsilon`,
 `epsilon_high`, `scale_rewards`, `loss_type`, `max_completion_length` -> `max_new_tokens` as in our
@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.builtin_task import STOP_STRINGS
-from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
-from models.reasoning import BUILTIN_MARKERS
-from models.train_config import TrainConfig, node_layout
+from models.data.builtin_task import STOP_STRINGS
+from models.modeling.chat import CHAT_TEMPLATE_HELP, ChatTemplate
+from models.algorithms.reasoning import BUILTIN_MARKERS
+from models.recipes.train_config import TrainConfig, node_layout
 
 
 class RolloutConfig(TrainConfig):
@@ -60,7 +60,7 @@ class RolloutConfig(TrainConfig):
     reasoning_markers: dict[str, str] = Field(
         default_factory=lambda: dict(BUILTIN_MARKERS),
         description="name -> regex: each step logs `marker/<name>`, the fraction of completions where it "
-        "matches (the built-in task's: working step by step, checking the result; models/reasoning.py)",
+        "matches (the built-in task's: working step by step, checking the result; models/algorithms/reasoning.py)",
     )
     aha_marker: str | None = Field(
         "self_check",
@@ -181,7 +181,7 @@ class GRPOConfig(RolloutConfig):
     )
     loss_type: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean",
-        description="loss aggregation (see models/losses.py): 'token_mean' over the global batch (DAPO), "
+        description="loss aggregation (see models/algorithms/losses.py): 'token_mean' over the global batch (DAPO), "
         "'seq_mean_token_mean' (GRPO paper), 'seq_mean_token_sum_norm' (Dr. GRPO: divides by the batch's "
         "rows × max_new_tokens, rows of skipped groups included). TRL's names are accepted and stored as "
         "ours (TRL_LOSS_TYPES): 'grpo', 'dapo', 'bnpo' (TRL: the local batch's tokens; here the global "

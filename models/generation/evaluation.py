@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from models.chat import ChatTemplate, encode_prompt, prompt_text
-from models.metrics import majority_at_k, pass_at_k
-from models.rollouts import SamplingParams, sample
+from models.modeling.chat import ChatTemplate, encode_prompt, prompt_text
+from models.algorithms.metrics import majority_at_k, pass_at_k
+from models.generation.rollouts import SamplingParams, sample
 
 # A completion counts as correct when its reward reaches 1.0; the epsilon forgives float round-off of
 # rewards that are sums/products of partial scores. None (could not be judged) is never correct.
@@ -39,7 +39,7 @@ def evaluate(
     chat_template: ChatTemplate | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Score the first `num_problems` problems (each a dict with keys id, prompt, answer; a prompt is a
-    string or a conversation, rendered by `models.chat.encode_prompt` under `chat_template`).
+    string or a conversation, rendered by `models.modeling.chat.encode_prompt` under `chat_template`).
 
     Metrics:
       - `pass@1`: fraction of problems whose greedy completion is correct (reward >= 1.0 - 1e-6);

@@ -1,7 +1,7 @@
 """Preference pairs, as the DPO and reward-model recipes read them: from a file in TRL's format or
 built on-policy (a correct and an incorrect sample of one problem, judged by the verifier), written
 once to the stage's work dir so that a resumed run and every rank train on the same pairs, then
-tokenized with the prompt rendering every stage shares (models/chat.py).
+tokenized with the prompt rendering every stage shares (models/modeling/chat.py).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.batching import EpochSampler, collate_completions
-from models.chat import (
+from models.training.batching import EpochSampler, collate_completions
+from models.modeling.chat import (
     ChatTemplate, completion_content, completion_end, encode_completion, encode_prompt, problem_prompt_ids, prompt_text,
 )
-from models.engine import rank_world
-from models.pref_config import PreferenceDataConfig
+from models.training.engine import rank_world
+from models.recipes.preference_config import PreferenceDataConfig
 from models.recipes.rollout_common import load_problems
-from models.rollouts import SamplingParams, sample
+from models.generation.rollouts import SamplingParams, sample
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -137,10 +137,10 @@ def prepare_pairs(spec: dict, cfg: PreferenceDataConfig, model, tokenizer) -> li
 def encode_sequence(
     tokenizer, prompt, completion, max_seq_len: int, chat_template: ChatTemplate | None = None, end=None,
 ) -> tuple[list[int], int]:
-    """(ids, n_prompt): the prompt as `models.chat.encode_prompt` renders it, then the completion and
+    """(ids, n_prompt): the prompt as `models.modeling.chat.encode_prompt` renders it, then the completion and
     its end token (the template's end-of-turn for a templated prompt, else EOS; as SFT and TRL do),
     cut to max_seq_len. Completion tokens are ids[n_prompt:], empty when the prompt fills the budget.
-    `end` is a `models.chat.completion_end` made once for many sequences."""
+    `end` is a `models.modeling.chat.completion_end` made once for many sequences."""
     end = end or completion_end(tokenizer, chat_template)
     p = encode_prompt(tokenizer, prompt, chat_template)
     c = encode_completion(tokenizer, completion_content(completion), end(prompt))

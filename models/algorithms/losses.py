@@ -31,8 +31,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from models.kl import KLKind, kl_estimate
-from models.logprobs import masked_mean, masked_sum
+from models.algorithms.kl import KLKind, kl_estimate
+from models.algorithms.logprobs import masked_mean, masked_sum
 
 # Canonical names, each the paper that uses it:
 #   seq_mean_token_mean     mean over a sequence's tokens, then over sequences (DeepSeekMath GRPO,

@@ -12,12 +12,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.builtin_task import STOP_STRINGS
-from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
-from models.train_config import Strict
+from models.data.builtin_task import STOP_STRINGS
+from models.modeling.chat import CHAT_TEMPLATE_HELP, ChatTemplate
+from models.recipes.train_config import Strict
 
 FILTER_NAMES = ("format", "reward", "length", "dedupe", "best_of_n", "max_per_prompt")
-"""Every filter `models.filters.apply_filters` knows, in the default order of application."""
+"""Every filter `models.algorithms.filters.apply_filters` knows, in the default order of application."""
 
 
 class SampleConfig(Strict):

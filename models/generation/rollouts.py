@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.chat import end_of_turn_id
-from models.segment_attention import attention_implementation
+from models.modeling.chat import end_of_turn_id
+from models.training.segment_attention import attention_implementation
 
 
 @dataclass
@@ -412,7 +412,7 @@ def sample(
     """Sample `num_samples` completions of every prompt.
 
     Returns len(prompts) * num_samples rollouts in group-contiguous order (prompt 0's samples first).
-    A prompt is token ids (what `models.chat.encode_prompt` gives: the stages pass these, rendered
+    A prompt is token ids (what `models.modeling.chat.encode_prompt` gives: the stages pass these, rendered
     with the chat template where it applies) or plain text, tokenized with the tokenizer's own special
     tokens (its post-processor adds BOS). Prompts are left padded and decoded `batch_size` sequences
     at a time. The same `seed` gives the same rollouts for the

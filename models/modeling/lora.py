@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from models.train_config import LoraConfig
+from models.recipes.train_config import LoraConfig
 
 ADAPTER_NAME = "default"  # peft's name for a single adapter
 ADAPTER_DIR = "adapter"  # where a stage's output keeps its adapter
@@ -101,7 +101,7 @@ def adapters_disabled(model: torch.nn.Module):
 class AdaptersOff:
     """A callable view of an adapted causal LM that runs its forward with the adapters off: the frozen
     base policy (the KL reference of GRPO/PPO) without a second copy of the weights. `module` and
-    `config` are those of the adapted model, as on a DeepSpeed engine, so `models.packing` treats the
+    `config` are those of the adapted model, as on a DeepSpeed engine, so `models.training.packing` treats the
     view as that model. Call it inside `torch.no_grad()`."""
 
     def __init__(self, model: torch.nn.Module):

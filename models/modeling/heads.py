@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from models.losses import last_valid_index
+from models.algorithms.losses import last_valid_index
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 
@@ -99,8 +99,8 @@ class RewardModel(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Write an HF causal-LM directory plus `score_head.safetensors` into `directory`; a backbone
-        with LoRA adapters is written merged (models/lora.py), with the plain model's parameter names."""
-        from models.lora import merged_state_dict
+        with LoRA adapters is written merged (models/modeling/lora.py), with the plain model's parameter names."""
+        from models.modeling.lora import merged_state_dict
 
         directory = Path(directory)
         self.pretrained_model.save_pretrained(directory, state_dict=merged_state_dict(self.pretrained_model))

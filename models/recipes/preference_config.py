@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models.builtin_task import STOP_STRINGS
-from models.chat import CHAT_TEMPLATE_HELP, ChatTemplate
-from models.train_config import TrainConfig
+from models.data.builtin_task import STOP_STRINGS
+from models.modeling.chat import CHAT_TEMPLATE_HELP, ChatTemplate
+from models.recipes.train_config import TrainConfig
 
 
 class PreferenceDataConfig(TrainConfig):

@@ -1,5 +1,5 @@
 """Rejection sampling, part 1: draw `num_samples` candidates per prompt and score each with every
-named reward. The filter stage (`models/filters.py`) then picks what the refine stage trains on.
+named reward. The filter stage (`models/algorithms/filters.py`) then picks what the refine stage trains on.
 
 A plain function of a model, a tokenizer and problems; it writes no files and validates nothing
 (the task layer checks the frame against `data_contracts.samples` and writes it). Deterministic:
@@ -13,10 +13,10 @@ import logging
 
 import pandas as pd
 
-from models.chat import encode_prompt, prompt_text
+from models.modeling.chat import encode_prompt, prompt_text
 from models.rewards import combine_rewards
-from models.rollouts import SamplingParams, sample
-from models.sample_filter_config import SampleConfig
+from models.generation.rollouts import SamplingParams, sample
+from models.recipes.sample_filter_config import SampleConfig
 
 logger = logging.getLogger(__name__)
 

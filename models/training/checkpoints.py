@@ -6,13 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from models.lora import ADAPTER_DIR, has_adapters, merged_state_dict, save_adapter
+from models.modeling.lora import ADAPTER_DIR, has_adapters, merged_state_dict, save_adapter
 
 
 def save_hf_dir(tokenizer, base_dir: str | None):
     """A save_model callback: weights + tokenizer + the base's generation/prompt configs. A model
     with LoRA adapters is written merged (a plain model with the base's parameter names), and its
-    adapter alone goes to `out/adapter/` (models/lora.py)."""
+    adapter alone goes to `out/adapter/` (models/modeling/lora.py)."""
 
     def save(module, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ The tokens were sampled from pi (the policy), so with r = pi_ref(x) / pi(x) (J. 
 * k3 = (r - 1) - log r. Unbiased and always >= 0 (log is concave, so log r <= r - 1);
   the estimator GRPO puts in its loss (DeepSeekMath, Shao et al. 2024, eq. 4).
 
-No clamping is done here: mask padding before the values reach `exp` (see `models/losses.py`),
+No clamping is done here: mask padding before the values reach `exp` (see `models/algorithms/losses.py`),
 because a clamp would silently change the gradient of real tokens.
 """
 

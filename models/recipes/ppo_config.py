@@ -3,7 +3,7 @@
 Field names follow TRL's `PPOConfig` where one exists (`kl_coef`, `cliprange`, `cliprange_value`,
 `vf_coef`, `gamma`, `lam`, `whiten_rewards` -> `whiten_advantages`, `num_ppo_epochs` ->
 `ppo_epochs`, `kl_estimator`), the sampling, reward and batch fields are shared with `GRPOConfig`
-(`RolloutConfig` in `models/rl_config.py`), and every default cites the paper or peer it comes from.
+(`RolloutConfig` in `models/recipes/rl_config.py`), and every default cites the paper or peer it comes from.
 
 The global batch of a step is `num_prompts * num_generations` completions; `batch_size` is derived
 from those two and may only be given when it agrees (as for GRPO).
@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models.rl_config import RolloutConfig
+from models.recipes.rl_config import RolloutConfig
 
 
 class PPOConfig(RolloutConfig):

@@ -154,7 +154,7 @@ class TrainConfig(Strict):
         return self.batch_size // (self.micro_batch_size * self.world_size)
 
 
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "deployments" / "deepspeed"
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "deployments" / "deepspeed"
 
 
 def deepspeed_json(name: str) -> Path:

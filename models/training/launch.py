@@ -12,7 +12,7 @@ the command every other node runs, `posttrain node-agent`, which starts the same
 that never arrives fails the stage after `rdzv_timeout_s`; a node that dies mid-stage fails it too
 (torchrun --max-restarts 0), and rerunning the stage resumes from its last checkpoint.
 
-    python -m models.launch SPEC.json     # what each torchrun rank executes
+    python -m models.training.launch SPEC.json     # what each torchrun rank executes
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from models.engine import free_port, latest_checkpoint_step
-from models.train_config import parse_endpoint
+from models.training.engine import free_port, latest_checkpoint_step
+from models.recipes.train_config import parse_endpoint
 
 RDZV_FILE = "rendezvous.json"  # node 0's announcement in the work dir: what `posttrain node-agent` joins
 
@@ -68,7 +68,7 @@ def run_training(
         rdzv = announce_rendezvous(cfg, world_size, workdir, spec_path)
         nproc = rdzv["nproc_per_node"]
         launch = torchrun_rdzv_args(rdzv, host=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "models.launch", str(spec_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "models.training.launch", str(spec_path)]
     log_path = workdir / "torchrun.log"
     try:
         with open(log_path, "ab") as log:
@@ -221,7 +221,7 @@ def run_node_agent(rdzv: dict, log=None) -> int:
     if rdzv.get("torch_extensions_dir"):
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", rdzv["torch_extensions_dir"])
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_rdzv_args(rdzv, host=False),
-           "-m", "models.launch", rdzv["spec"]]
+           "-m", "models.training.launch", rdzv["spec"]]
     print(f"[posttrain] node agent: joining {rdzv['id']} at {rdzv['endpoint']} ({rdzv['nnodes']} nodes × "
           f"{rdzv['nproc_per_node']} ranks, join timeout {rdzv['timeout_s']:g}s)", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=_torchrun_env(int(rdzv["nproc_per_node"])), stdout=log, stderr=log,

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from models.sample_filter_config import FilterConfig
+from models.recipes.sample_filter_config import FilterConfig
 
 # `total >= min_reward` forgives float round-off of weighted sums (0.7 * 1 + 0.3 * 1 may land just below
-# 1.0); models/evaluation.py counts "correct" with the same slack.
+# 1.0); models/generation/evaluation.py counts "correct" with the same slack.
 REWARD_TOLERANCE = 1e-6
 FORMAT_COLUMN = "reward/format"  # the samples contract's `reward/<name>` column (no torch import here)
 

@@ -21,7 +21,7 @@ FLOP estimate (linear layers ∝ rows × width, attention ∝ rows × width²) f
 * **segments**: the whole prefix tree in one row (every trie node once, nothing wasted on row
   tails), and attention computed *per sequence*: each layer gathers a sequence's path through the
   tree (its own tokens and the shared prefix nodes) into a (B, H, L, D) batch and runs causal SDPA
-  on it, then puts each node's output back (`models/segment_attention.py`, a transformers attention function
+  on it, then puts each node's output back (`models/training/segment_attention.py`, a transformers attention function
   switched in for that forward only). The masked rows above attend over whole row widths with an
   explicit mask; here attention costs about half of B · L² (L the longest sequence) on an unmasked
   causal kernel (`benchmarks/profile_sft.py --compile --profile` measures it).
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.segment_attention import SEGMENTS_ATTENTION, attention_implementation, register_segment_attention
+from models.training.segment_attention import SEGMENTS_ATTENTION, attention_implementation, register_segment_attention
 
 logger = logging.getLogger(__name__)
 

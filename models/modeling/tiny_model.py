@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from models.builtin_task import PROMPT_TEMPLATE, STOP_STRINGS, TASK_VERSION
+from models.data.builtin_task import PROMPT_TEMPLATE, STOP_STRINGS, TASK_VERSION
 
 POSTTRAIN_JSON = "posttrain.json"
 

@@ -1,6 +1,6 @@
 """Token log-probabilities, entropy and masked reductions.
 
-Pure tensor functions shared by every loss in `models/losses.py`. Conventions:
+Pure tensor functions shared by every loss in `models/algorithms/losses.py`. Conventions:
 
 * `B` is the batch (sequences), `T` the token axis, `V` the vocabulary.
 * A `mask: (B, T) bool` marks the tokens that count (completion tokens, not prompt or padding).

@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-from models.faults import fault_point
-from models.train_config import TrainConfig, deepspeed_json
+from models.training.faults import fault_point
+from models.recipes.train_config import TrainConfig, deepspeed_json
 
 
 

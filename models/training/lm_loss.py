@@ -1,16 +1,16 @@
 """The causal-LM objective of pretraining, SFT and refine: right-padded (input_ids, labels) batches and
-the token-mean next-token NLL over the *global* batch (see models/engine.py for the loss_scale
-convention), computed with the padding-free forward of models/packing.py."""
+the token-mean next-token NLL over the *global* batch (see models/training/engine.py for the loss_scale
+convention), computed with the padding-free forward of models/training/packing.py."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from models.batching import pad_right
-from models.device import device_of, to_device
-from models.engine import StepContext
-from models.packing import packed_logits
+from models.training.batching import pad_right
+from models.modeling.device import device_of, to_device
+from models.training.engine import StepContext
+from models.training.packing import packed_logits
 
 IGNORE = -100
 
@@ -40,7 +40,7 @@ def causal_lm_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 
 def lm_step_fn(pad_id: int):
-    """Token-mean NLL over the global batch (see models/engine.py for the loss_scale convention)."""
+    """Token-mean NLL over the global batch (see models/training/engine.py for the loss_scale convention)."""
 
     def step(engine, chunk, ctx: StepContext):
         total = max(1, n_label_tokens(ctx.global_batch))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-# The built-in task (models/builtin_task.py): a worked step is an operation and its result, in the SFT
+# The built-in task (models/data/builtin_task.py): a worked step is an operation and its result, in the SFT
 # format ("4-0=4") or in the pretraining corpus' free-form style ("4-0 is 4"); two or more of them in
 # one completion is working step by step. A self-check names the act of checking the result.
 BUILTIN_MARKERS = {

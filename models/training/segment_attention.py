@@ -1,7 +1,7 @@
-"""Attention computed per sequence over the one-row prefix tree of `models.packing.segment_pack`
+"""Attention computed per sequence over the one-row prefix tree of `models.training.packing.segment_pack`
 (the *segments* layout; see that module's docstring), as a transformers attention function, plus
 the row-gather ops it uses, and the context manager that switches a model's attention function for
-a few forwards (also used by the sampler's decode attention in `models/rollouts.py`)."""
+a few forwards (also used by the sampler's decode attention in `models/generation/rollouts.py`)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     never scattered back). The backward of the gathers sums the gradient of a shared node's key and
     value over the paths that read it, as the tree mask does."""
     if segment_gather is None or segment_scatter is None:
-        raise RuntimeError(f"{SEGMENTS_ATTENTION} attention runs only inside models.packing's segments forward")
+        raise RuntimeError(f"{SEGMENTS_ATTENTION} attention runs only inside models.training.packing's segments forward")
     for unsupported in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"{SEGMENTS_ATTENTION}: {unsupported} is not supported")
