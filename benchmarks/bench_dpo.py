@@ -61,7 +61,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
 
 def posttrain_side(p: dict) -> dict:
     import models.recipes.dpo as dpo
-    from models.training.engine import ensure_distributed_env, read_metrics
+    from models.training.distributed import ensure_distributed_env
+    from models.training.engine import read_metrics
     from models.recipes.preference_config import DPOConfig
 
     ensure_distributed_env()

@@ -41,7 +41,8 @@ LR = 3e-5
 
 def posttrain_side(p: dict) -> dict:
     import models.recipes.grpo as grpo
-    from models.training.engine import ensure_distributed_env, read_metrics
+    from models.training.distributed import ensure_distributed_env
+    from models.training.engine import read_metrics
     from models.recipes.rl_config import GRPOConfig
 
     ensure_distributed_env()

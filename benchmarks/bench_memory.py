@@ -116,7 +116,7 @@ def main() -> None:
     common.quiet_libraries()
     base = str(common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads))
     if a.case:  # a clean child process per case: the 1-process case makes this process rank 0 of 1
-        from models.training.engine import ensure_distributed_env
+        from models.training.distributed import ensure_distributed_env
 
         with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
             data = common.write_jsonl([{"prompt": p["prompt"], "completion": p["solution"]} for p in common.problems(64)],

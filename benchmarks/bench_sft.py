@@ -68,7 +68,8 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
 
 def posttrain_side(p: dict, on_log=None) -> dict:
     from models.config import SFTConfig
-    from models.training.engine import ensure_distributed_env, read_metrics
+    from models.training.distributed import ensure_distributed_env
+    from models.training.engine import read_metrics
     from models.recipes.sft import train_sft
 
     ensure_distributed_env()

@@ -1,7 +1,7 @@
 import pytest
 
 from models.config import RecipeError, load_recipe, validate_recipe
-from models.training.engine import deepspeed_config
+from models.training.deepspeed_setup import deepspeed_config
 from models.config import RECIPES_DIR
 
 

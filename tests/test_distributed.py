@@ -50,7 +50,7 @@ def test_one_process_binds_no_port_for_its_process_group():
 
     code = (
         "import os, socket, torch.distributed as dist\n"
-        "from models.training.engine import ensure_distributed_env\n"
+        "from models.training.distributed import ensure_distributed_env\n"
         "ensure_distributed_env()\n"
         "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['MASTER_PORT']))); s.listen(1)\n"
         "print(dist.is_initialized(), dist.get_world_size())\n"

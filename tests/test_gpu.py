@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.cuda,
 def test_deepspeed_picks_the_cuda_accelerator():
     import os
 
-    from models.training.engine import ensure_distributed_env
+    from models.training.distributed import ensure_distributed_env
 
     ensure_distributed_env()
     from deepspeed.accelerator import get_accelerator

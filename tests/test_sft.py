@@ -182,7 +182,8 @@ def test_a_checkpoint_killed_before_its_commit_is_never_resumed_from(tiny_base, 
     """A save interrupted after its files are on disk but before `latest` names it: resume goes on from
     the previous committed checkpoint, drops the uncommitted tag, and ends on the same weights."""
     import models.training.engine as engine_mod
-    from models.training.engine import latest_checkpoint_step, read_metrics
+    from models.training.checkpoints import latest_checkpoint_step
+    from models.training.engine import read_metrics
 
     straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2)
     # a finished stage keeps its final checkpoint only (keep_checkpoints applies while it trains)
@@ -215,7 +216,7 @@ def test_stale_op_build_locks_are_cleared(tmp_path):
     import os
     import time
 
-    from models.training.engine import clear_stale_op_locks
+    from models.training.distributed import clear_stale_op_locks
 
     stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
     for lock in (stale, fresh):

@@ -18,7 +18,7 @@ from models.training.batching import EpochSampler, collate_completions
 from models.modeling.chat import (
     ChatTemplate, completion_content, completion_end, encode_completion, encode_prompt, problem_prompt_ids, prompt_text,
 )
-from models.training.engine import rank_world
+from models.training.distributed import rank_world
 from models.recipes.preference_config import PreferenceDataConfig
 from models.recipes.rollout_common import load_problems
 from models.generation.rollouts import SamplingParams, sample

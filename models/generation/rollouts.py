@@ -137,10 +137,9 @@ def _cache_kwarg(model) -> str:
 
 def _make_cache(model, max_len: int, max_rows: int | None = None):
     """A KV cache that writes into buffers preallocated for `max_len` positions (and `max_rows` rows)
-    and hands attention a view of the filled part. transformers' DynamicCache `torch.cat`s every
-    layer's keys and values each step, which on CPU costs more than the matmuls of a small model.
-    Rows can be re-selected (`batch_select_indices`, repeats
-    allowed) and copied to the end (`append_rows`), copying only the filled positions."""
+    and hands attention a view of the filled part (models/generation/kv_cache.py). transformers'
+    DynamicCache `torch.cat`s every layer's keys and values each step, which on CPU costs more than
+    the matmuls of a small model."""
     from transformers import DynamicCache
 
     cfg = model.config
@@ -148,65 +147,10 @@ def _make_cache(model, max_len: int, max_rows: int | None = None):
     if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
         return DynamicCache(config=cfg)  # sliding-window / hybrid layers: the stock cache knows them
     try:
-        from transformers.cache_utils import Cache, DynamicLayer
-    except ImportError:  # another internal layout: the stock cache is slower but right
+        from models.generation.kv_cache import preallocated_cache
+    except ImportError:  # another internal layout of transformers' cache: the stock cache is slower but right
         return DynamicCache(config=cfg)
-
-    class PreallocatedLayer(DynamicLayer):
-        def __init__(self):
-            super().__init__()
-            self.length = 0
-            self.rows = 0
-
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
-            b, h, _, dk = key_states.shape
-            cap = max(b, max_rows or 0)
-            self._k = key_states.new_zeros((cap, h, max_len, dk))
-            self._v = value_states.new_zeros((cap, h, max_len, value_states.shape[-1]))
-            self.rows = b
-
-        def _views(self):
-            self.keys, self.values = self._k[: self.rows, :, : self.length], self._v[: self.rows, :, : self.length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            self._k[: self.rows, :, self.length : end] = key_states
-            self._v[: self.rows, :, self.length : end] = value_states
-            self.length = end
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def batch_select_indices(self, indices):
-            if self.is_initialized:
-                # copy the filled positions only (fresh buffers keep the room for the tokens to come)
-                self._k, self._v = self._select(self._k, indices), self._select(self._v, indices)
-                self.rows = indices.numel()
-                self._views()
-
-        def _select(self, buf, indices):
-            m = indices.numel()
-            out = buf.new_empty((max(m, buf.shape[0]), *buf.shape[1:]))
-            torch.index_select(buf[: self.rows, :, : self.length], 0, indices, out=out[:m, :, : self.length])
-            return out
-
-        def append_rows(self, indices):
-            if self.is_initialized:
-                m = indices.numel()
-                if self.rows + m > self._k.shape[0]:
-                    self.batch_select_indices(torch.cat([torch.arange(self.rows, device=indices.device), indices]))
-                    return
-                for buf in (self._k, self._v):
-                    buf[self.rows : self.rows + m, :, : self.length] = buf[indices, :, : self.length]
-                self.rows += m
-                self._views()
-
-    return Cache(layers=[PreallocatedLayer() for _ in range(model.config.num_hidden_layers)])
+    return preallocated_cache(cfg.num_hidden_layers, max_len, max_rows)
 
 
 def _append_rows(cache, src: torch.Tensor, rows: int) -> None:

@@ -33,7 +33,8 @@ import torch
 from models.training.batching import EpochSampler
 from models.training.checkpoints import save_hf_dir
 from models.modeling.device import device_of, to_device
-from models.training.engine import StepContext, loop_result, rank_world, run_loop
+from models.training.distributed import rank_world
+from models.training.engine import StepContext, loop_result, run_loop
 from models.algorithms.logprobs import token_logprobs
 from models.modeling.lora import prepare_backbone
 from models.algorithms.losses import dpo_loss, sequence_logps

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from models.modeling.device import training_device
-from models.training.engine import deepspeed_config, latest_checkpoint_step, truncate_jsonl_after
+from models.training.checkpoints import latest_checkpoint_step
+from models.training.deepspeed_setup import deepspeed_config
+from models.training.engine import truncate_jsonl_after
 
 # ----------------------------------------------------------------------------- data
 

@@ -23,9 +23,6 @@ import functools
 import json
 import math
 import os
-import random
-import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +30,12 @@ from typing import Any, Callable
 
 import torch
 
+from models.recipes.train_config import TrainConfig
+from models.training.checkpoints import (checkpoint_tag, commit_checkpoint, consolidate, latest_checkpoint_step,
+                                         prune_checkpoints)
+from models.training.deepspeed_setup import deepspeed_config, trainable_param_groups, trainable_state_dict, trim_engine
+from models.training.distributed import barrier, ensure_distributed_env, rank_world
 from models.training.faults import fault_point
-from models.recipes.train_config import TrainConfig, deepspeed_json
-
 
 
 @dataclass
@@ -75,149 +75,6 @@ class ResumeError(RuntimeError):
 # ----------------------------------------------------------------------------- distributed set-up
 
 
-def free_port() -> int:
-    """A free TCP port for the rendezvous store, outside the kernel's ephemeral range.
-
-    A port the kernel hands out for `bind(0)` is in the same range as the local ports of outgoing
-    connections (Prefect's and MLflow's HTTP clients make many), so one can take it between our check
-    and the store's bind (seen as EADDRINUSE). Ports below the ephemeral range are not handed out.
-    """
-    low, _ = _ephemeral_range()
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # everything below the range is taken: fall back to the kernel's pick
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def ensure_distributed_env(ops_cache: str | os.PathLike | None = None) -> None:
-    """Make a bare process look like rank 0 of 1 (DeepSpeed otherwise looks for mpi4py)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if ops_cache is not None:
-        # DeepSpeed JIT-compiles its shm_comm op at init (~25-40 s); cache it per machine/state dir.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ops_cache))
-    clear_stale_op_locks(os.environ.get("TORCH_EXTENSIONS_DIR"))
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if os.environ.get("WORLD_SIZE") == "1" and not torch.distributed.is_initialized():
-        # One process needs no TCP store: a port picked here may be taken by another process before
-        # DeepSpeed binds it (EADDRINUSE seen with runs started together). DeepSpeed adopts this group.
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
-
-
-STALE_LOCK_SECONDS = 300  # compiling one op takes < 1 min here
-
-
-def clear_stale_op_locks(ops_dir: str | None, max_age: float = STALE_LOCK_SECONDS) -> list[Path]:
-    """Remove torch-extension build locks left by a process killed while compiling.
-
-    torch's FileBaton waits forever on such a lock, so one SIGKILL during the first compile would
-    hang every later run. A lock older than any real compile is stale.
-    """
-    if not ops_dir or not Path(ops_dir).is_dir():
-        return []
-    removed = []
-    now = time.time()
-    for lock in Path(ops_dir).glob("*/lock"):
-        try:
-            if now - lock.stat().st_mtime > max_age:
-                lock.unlink()
-                removed.append(lock)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def rank_world() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) of this process (0, 1 outside a launcher)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def deepspeed_config(train: TrainConfig) -> dict:
-    """The DeepSpeed JSON named by the stage, merged with the stage's batch/precision settings."""
-    cfg = json.loads(deepspeed_json(train.deepspeed).read_text())
-    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train.grad_accum
-    cfg["train_batch_size"] = train.batch_size
-    cfg["gradient_clipping"] = train.max_grad_norm
-    cfg.setdefault("steps_per_print", 10**9)
-    if train.zero_stage is not None:
-        cfg.setdefault("zero_optimization", {})["stage"] = train.zero_stage
-    if train.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    else:
-        cfg.pop("bf16", None)
-        cfg.pop("fp16", None)
-    return cfg
-
-
-def trim_engine(engine, world: int) -> None:
-    """DeepSpeed defaults that cost time or memory here and change no number:
-
-    * ZeRO-0 on one process: after every backward the engine flattens every gradient, all-reduces it
-      over a group of one, and copies it back. There is nothing to reduce: that pass is turned off. Its fp32 gradient clipping
-      takes one norm per parameter, an all-reduce over the group of one and a multiply of every
-      gradient even when the factor is 1: `_clip_one_rank` computes the same norm (bitwise) in one
-      foreach call and multiplies only when the clip bites.
-    * ZeRO-3 in fp32: DeepSpeed means to use a parameter partition that already is fp32 on the
-      optimizer's device as its own fp32 master, but its check compares a torch.device with the
-      accelerator's device *name* (a str), which never holds, so every rank keeps a second copy of
-      its partition. Where partition and master have the same dtype, device and size, the master is
-      made to share the partition's storage again (the two always hold equal values anyway).
-    """
-    stage = engine.zero_optimization_stage()
-    if world == 1 and stage == 0:
-        engine.enable_backward_allreduce = False
-        engine.clip_fp32_gradients = functools.partial(_clip_one_rank, engine)
-    opt = engine.optimizer
-    if stage == 3 and not getattr(opt, "offload_optimizer", False):
-        low = getattr(opt, "fp16_partitioned_groups_flat", None) or []
-        high = getattr(opt, "fp32_partitioned_groups_flat", None) or []
-        for lp, hp in zip(low, high):
-            if (lp is not None and hp is not lp and lp.dtype == hp.dtype and lp.device == hp.device
-                    and lp.shape == hp.shape and lp.untyped_storage().data_ptr() != hp.untyped_storage().data_ptr()):
-                hp.data = lp.data
-
-
-def _clip_one_rank(engine) -> None:
-    """deepspeed.runtime.utils.clip_grad_norm_ for one rank without model parallelism: the 2-norm of
-    the per-parameter 2-norms (the same per-tensor norms, ``torch._foreach_norm``), and the gradients
-    scaled by min(1, max_norm / (norm + 1e-6)), skipped when that is exactly 1."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm([g.detach().float() for g in grads], 2.0)
-    total = torch.stack(norms).pow(2.0).sum().float().pow(1.0 / 2.0)
-    # tensor / tensor as DeepSpeed does (a Python float / tensor is a reciprocal times the float: other bits)
-    coef = torch.tensor([float(engine.gradient_clipping())], device=total.device) / (total + 1e-6)
-    coef = torch.min(torch.tensor([1.0], device=coef.device), coef)
-    if coef.item() < 1.0:
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype).squeeze(0))
-
-
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -234,48 +91,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _tag(step: int) -> str:
-    return f"step{step:07d}"
-
-
-# A checkpoint is committed when `latest` names its tag. DeepSpeed writes its own `latest` with a plain
-# open('w') (a kill between the truncate and the write leaves it empty: the next run starts over from
-# step 0), so the loop saves with save_latest=False and moves `latest` into place itself, atomically,
-# once every rank's files of the tag are on disk. A tag directory newer than `latest` is a save that
-# was killed midway: never loaded, and removed before training goes on.
-
-
-def _commit_checkpoint(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / "latest")
-
-
-def latest_checkpoint_step(ckpt_dir: Path) -> int | None:
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return None
-    tag = latest.read_text().strip()
-    return int(tag.removeprefix("step")) if tag.startswith("step") else None
-
-
-def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    current = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
-    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-    # Keep the newest `keep` tags; a partially written newer tag (a save killed midway) is also
-    # dropped because `latest` never pointed at it.
-    keep_tags = {p.name for p in tags if current and p.name <= current}
-    keep_tags = set(sorted(keep_tags)[-keep:])
-    for p in tags:
-        if p.name not in keep_tags:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_dir.glob("latest.tmp-*"):  # a commit killed before its rename
-        p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -332,14 +147,14 @@ def run_loop(
     )
     trim_engine(engine, world)
     if frozen:
-        engine.module_state_dict = functools.partial(_trainable_state_dict, engine)
+        engine.module_state_dict = functools.partial(trainable_state_dict, engine)
     reseed = _has_dropout(model)
     if cfg.torch_compile:  # module.compile in place: parameter names and checkpoints are unchanged
         engine.compile(compile_kwargs={"dynamic": True})
 
     start_step, resumed_from = 0, None
     if rank == 0:  # drop the uncommitted tags of a save that was killed midway
-        _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     if latest_checkpoint_step(ckpt_dir) is not None:
         # a checkpoint of a model with frozen weights holds only the trainable ones
         path, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=not frozen)
@@ -399,45 +214,18 @@ def run_loop(
         fault_point("step-done", workdir.name, done, rank)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             engine.save_checkpoint(  # returns once every rank's files are written (it ends on a barrier)
-                str(ckpt_dir), tag=_tag(done), save_latest=False, exclude_frozen_parameters=frozen,
+                str(ckpt_dir), tag=checkpoint_tag(done), save_latest=False, exclude_frozen_parameters=frozen,
                 client_state={"step": done, "samples_seen": done * cfg.batch_size, "batch_size": cfg.batch_size},
             )
             fault_point("checkpoint-uncommitted", workdir.name, done)
             if rank == 0:
-                _commit_checkpoint(ckpt_dir, _tag(done))
-            _barrier(world)
+                commit_checkpoint(ckpt_dir, checkpoint_tag(done))
+            barrier(world)
             if rank == 0:  # a finished stage keeps its final checkpoint only (its output is the model)
-                _prune_checkpoints(ckpt_dir, 1 if done == cfg.max_steps else cfg.keep_checkpoints)
+                prune_checkpoints(ckpt_dir, 1 if done == cfg.max_steps else cfg.keep_checkpoints)
 
-    _consolidate(engine, save_model, out_dir, rank, world)
+    consolidate(engine, save_model, out_dir, rank, world)
     return LoopResult(str(out_dir), cfg.max_steps, resumed_from, str(metrics_path), last)
-
-
-def trainable_param_groups(model: torch.nn.Module, params: list | None) -> list:
-    """What AdamW optimizes: `params` (tensors or param-group dicts) or every parameter of `model`,
-    keeping only those that require grad (frozen ones would take optimizer state and, under ZeRO-1/2,
-    a share of the flat fp32 partitions)."""
-    if params is None:
-        return [p for p in model.parameters() if p.requires_grad]
-    out = []
-    for g in params:
-        if isinstance(g, dict):
-            out.append({**g, "params": [p for p in g["params"] if p.requires_grad]})
-        elif g.requires_grad:
-            out.append(g)
-    return out
-
-
-def _trainable_state_dict(engine, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
-    """DeepSpeedEngine.module_state_dict for a model with frozen weights: the module's state dict
-    without any frozen parameter. DeepSpeed's own `exclude_frozen_parameters` looks the frozen ones up
-    in `named_parameters()`, which lists a tied weight once, so a frozen tied LM head (`lm_head.weight`,
-    the embedding matrix) would stay in every checkpoint; here every name of a frozen tensor goes."""
-    sd = engine.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
-    for n, p in engine.module.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            sd.pop(prefix + n, None)
-    return sd
 
 
 def _has_dropout(model: torch.nn.Module) -> bool:
@@ -459,27 +247,6 @@ def truncate_jsonl_after(path: Path, start_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
-
-
-def _consolidate(engine, save_model, out_dir: Path, rank: int, world: int) -> None:
-    """Write full weights to out_dir atomically: a temp dir, then a rename, then a marker."""
-    import deepspeed
-
-    module = engine.module
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    if engine.zero_optimization_stage() == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank == 0:
-                save_model(module, tmp)
-    elif rank == 0:
-        save_model(module, tmp)
-    if rank == 0:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        (out_dir / ".complete").write_text("ok\n")
-    _barrier(world)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from models.training.engine import free_port, latest_checkpoint_step
+from models.training.checkpoints import latest_checkpoint_step
+from models.training.distributed import free_port
 from models.recipes.train_config import parse_endpoint
 
 RDZV_FILE = "rendezvous.json"  # node 0's announcement in the work dir: what `posttrain node-agent` joins
