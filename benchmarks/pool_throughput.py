@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def _api(api: str, method: str, path: str, body: dict | None = None):
+def prefect_api(api: str, method: str, path: str, body: dict | None = None):
     """One call to the Prefect server's REST API; a 503 (its database busy under load) or 429 is
     made again, as Prefect's own client does."""
     req = urllib.request.Request(f"{api}{path}", method=method, headers={"Content-Type": "application/json"},
@@ -75,9 +75,9 @@ def _seconds(fr: dict) -> float:
 
 def batch(api: str, dep_id: str, name: str, params: list[dict]) -> dict:
     t0 = time.perf_counter()
-    ids = [_api(api, "POST", f"/deployments/{dep_id}/create_flow_run", {"parameters": p})["id"] for p in params]
+    ids = [prefect_api(api, "POST", f"/deployments/{dep_id}/create_flow_run", {"parameters": p})["id"] for p in params]
     while True:
-        runs = [_api(api, "GET", f"/flow_runs/{i}") for i in ids]
+        runs = [prefect_api(api, "GET", f"/flow_runs/{i}") for i in ids]
         if all(r["state"]["type"] in FINAL for r in runs):
             break
         time.sleep(1)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         for _ in range(180):
             try:
-                if _api(api, "GET", "/health") is True:
+                if prefect_api(api, "GET", "/health") is True:
                     break
             except OSError:
                 time.sleep(1)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                             check=True, capture_output=True)
         prefect("work-pool", "create", "posttrain-process", "--type", "process")
         prefect("--no-prompt", "deploy", "--name", "r1-smoke", "--prefect-file", "deployments/prefect.yaml")
-        dep = _api(api, "GET", "/deployments/name/post-train/r1-smoke")
+        dep = prefect_api(api, "GET", "/deployments/name/post-train/r1-smoke")
         workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process",
                                      "--name", f"w{w}", "--limit", str(args.limit)], cwd=out,
                                     env=dict(env, PREFECT_WORKER_QUERY_SECONDS="1"),

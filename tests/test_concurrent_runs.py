@@ -32,6 +32,7 @@ import pytest
 
 from helpers import R1_STAGES, TINY, kill_group, mlflow_runs, poll, run_cli, sets
 from test_operations import kill_recorded_flows, prefect, prefect_server  # noqa: F401 - the server fixture
+from benchmarks.pool_throughput import prefect_api
 from tasks.locks import lock_path, read_holder, stage_lock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,24 +395,6 @@ def test_a_holder_killed_mid_stage_leaves_the_stage_to_the_waiter(tmp_path):
 # ---------------------------------------------------------------- through a server and 2 workers, slow
 
 
-def _api(api: str, method: str, path: str, body: dict | None = None):
-    """One call to the Prefect server's REST API; a 503 (its database busy under load) or 429 is
-    made again, as Prefect's own client does."""
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(f"{api}{path}", method=method, headers={"Content-Type": "application/json"},
-                                 data=None if body is None else json.dumps(body).encode())
-    for attempt in range(20):
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            if e.code not in (429, 503) or attempt == 19:
-                raise
-            time.sleep(1)
-
-
 def _worker_runs(logs: list[Path], ids: list[str]) -> dict[str, set[str]]:
     """The flow runs each worker took, from its log: "Worker 'w0' submitting flow run '<id>'" unless
     the server refused that submission ("Aborted submission of flow run '<id>'": the other worker
@@ -434,7 +417,7 @@ def test_identical_runs_through_a_server_and_two_workers_train_each_stage_once(p
     env, api = prefect_server["env"], prefect_server["api"]
     prefect("work-pool", "create", "posttrain-process", "--type", "process", env=env)
     prefect("--no-prompt", "deploy", "--name", "r1-smoke", "--prefect-file", "deployments/prefect.yaml", env=env)
-    dep = _api(api, "GET", "/deployments/name/post-train/r1-smoke")
+    dep = prefect_api(api, "GET", "/deployments/name/post-train/r1-smoke")
     logs = [tmp_path / f"worker-{w}.log" for w in range(2)]
     workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process",
                                  "--name", f"w{w}", "--limit", "4"], cwd=tmp_path,
@@ -444,11 +427,11 @@ def test_identical_runs_through_a_server_and_two_workers_train_each_stage_once(p
     try:
         for n in (2, 8):
             state = tmp_path / f"state-{n}"
-            ids = [_api(api, "POST", f"/deployments/{dep['id']}/create_flow_run",
+            ids = [prefect_api(api, "POST", f"/deployments/{dep['id']}/create_flow_run",
                         {"parameters": {"state_dir": str(state), "overrides": TINY}})["id"] for _ in range(n)]
 
             def final_states():
-                got = [_api(api, "GET", f"/flow_runs/{i}")["state"]["type"] for i in ids]
+                got = [prefect_api(api, "GET", f"/flow_runs/{i}")["state"]["type"] for i in ids]
                 return got if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in got) else None
 
             states = poll(final_states, 900, f"{n} flow runs on the workers", every=2, alive=workers[0])
