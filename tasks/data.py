@@ -93,11 +93,6 @@ def resolve_problems(name: str, task: TaskConfig, datasets_root: Path, split: st
     return ArtifactRef(kind="dataset", path=str(path), digest=digest_path(path))
 
 
-def load_problems(ref: ArtifactRef) -> list[dict]:
-    df = validate_problems(read_table(ref.path), ref.path)
-    return df.to_dict("records")
-
-
 def resolve_preferences(name: str) -> ArtifactRef:
     """A validated preference file in TRL's format (prompt, chosen, rejected)."""
     path = Path(name).expanduser().resolve()

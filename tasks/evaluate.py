@@ -14,7 +14,7 @@ from data_contracts.artifacts import ArtifactRef, digest_path
 from data_contracts.evals import validate_evals
 from data_contracts.io import write_jsonl_atomic
 from tasks.common import RunContext, StageResult, StageRun, workdir_for
-from tasks.data import load_problems
+from models.data.problems import load_problems
 from tasks.progress import reporter
 
 
@@ -47,7 +47,7 @@ def evaluate_checkpoint(of_stage: str, cache_key: str, config: dict, inputs: dic
     workdir = workdir_for(ctx, stage, cache_key)
     with StageRun(ctx, stage, cache_key, config, inputs) as run:
         reporter().stage_started(stage, None)
-        metrics, rows = run_evaluation(inputs["model"].path, load_problems(inputs["problems"]), config)
+        metrics, rows = run_evaluation(inputs["model"].path, load_problems(inputs["problems"].path), config)
         out = Path(workdir) / "eval_results.jsonl"
         validate_evals(_frame(rows), str(out))
         write_jsonl_atomic(rows, out)

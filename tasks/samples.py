@@ -16,7 +16,7 @@ from data_contracts.io import read_table, write_jsonl_atomic
 from data_contracts.samples import validate_samples
 from data_contracts.sft import validate_sft
 from tasks.common import RunContext, StageResult, StageRun, workdir_for
-from tasks.data import load_problems
+from models.data.problems import load_problems
 from tasks.progress import reporter
 
 
@@ -37,7 +37,7 @@ def sample_stage(stage: str, cache_key: str, config: dict, inputs: dict[str, Art
         path = inputs["model"].path
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(training_device())
-        df = generate_samples(model, tokenizer, load_problems(inputs["prompts"]), cfg)
+        df = generate_samples(model, tokenizer, load_problems(inputs["prompts"].path), cfg)
         out = Path(workdir) / "samples.jsonl"
         validate_samples(df, str(out))
         write_jsonl_atomic(df, out)

@@ -20,7 +20,7 @@ from models.modeling.chat import (
 )
 from models.training.distributed import rank_world
 from models.recipes.preference_config import PreferenceDataConfig
-from models.recipes.rollout_common import load_problems
+from models.data.problems import load_problems
 from models.generation.rollouts import SamplingParams, sample
 
 PAIRS_FILE = "pairs.jsonl"

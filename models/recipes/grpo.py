@@ -54,7 +54,7 @@ from models.recipes.rollout_common import (
     logs_batch,
     pad_token_id,
     reference_policy,
-    resolve_problems,
+    spec_problems,
     rollout_logger,
     rollout_result,
     reused_batches,
@@ -368,7 +368,7 @@ def train_grpo(spec: dict, on_log=None) -> dict:
 
     cfg = GRPOConfig.model_validate(spec["config"])
     workdir = Path(spec["workdir"])
-    problems = resolve_problems(spec, cfg, "train_grpo")
+    problems = spec_problems(spec, cfg, "train_grpo")
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
     model = prepare_backbone(load_causal_lm(spec["base_path"]), cfg)  # LoRA / gradient checkpointing

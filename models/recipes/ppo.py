@@ -54,7 +54,7 @@ from models.algorithms.losses import kl_penalized_rewards, ppo_policy_loss, ppo_
 from models.recipes.ppo_config import PPOConfig
 from models.algorithms.reasoning import chunk_metrics, marker_flags
 from models.recipes.rollout_common import (load_causal_lm, logs_batch, pad_token_id, reference_policy,
-                                           resolve_problems, reused_batches, rollout_logger, rollout_result, rollout_seed,
+                                           spec_problems, reused_batches, rollout_logger, rollout_result, rollout_seed,
                                            sampling_policy, zero3_shadow)
 from models.rewards import combine_rewards
 from models.rewards.format import has_think_answer_format
@@ -305,7 +305,7 @@ def train_ppo(spec: dict, on_log=None) -> dict:
     if not cfg.rewards and not rm_path:
         raise ValueError("config.rewards is empty and no reward model is given: nothing would score the completions")
     workdir = Path(spec["workdir"])
-    problems = resolve_problems(spec, cfg, "train_ppo")
+    problems = spec_problems(spec, cfg, "train_ppo")
     torch.manual_seed(cfg.seed)  # fixes the value head's init
     tokenizer = AutoTokenizer.from_pretrained(spec["base_path"])
     model = CausalLMWithValueHead(prepare_backbone(load_causal_lm(spec["base_path"]), cfg), cfg.value_head_init)

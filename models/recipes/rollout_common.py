@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from models.data.problems import load_problems
 from models.modeling.device import training_device
 from models.training.checkpoints import latest_checkpoint_step
 from models.training.deepspeed_setup import deepspeed_config
@@ -26,18 +27,7 @@ from models.training.engine import truncate_jsonl_after
 # ----------------------------------------------------------------------------- data
 
 
-def load_problems(path: str | os.PathLike) -> list[dict]:
-    """Validated problems as [{"id", "prompt", "answer"}] (the data contract names bad rows)."""
-    from data_contracts.io import read_table
-    from data_contracts.problems import validate_problems
-
-    df = validate_problems(read_table(path), str(path))
-    if df.empty:
-        raise ValueError(f"{path}: no problems")
-    return [{"id": str(r["id"]), "prompt": r["prompt"], "answer": str(r["answer"])} for r in df.to_dict("records")]
-
-
-def resolve_problems(spec: dict, cfg, recipe: str) -> list[dict]:
+def spec_problems(spec: dict, cfg, recipe: str) -> list[dict]:
     """The problems of `spec['prompts_path']`, else of a `cfg.prompts` file ('builtin' is the task
     layer's to resolve). `recipe` names the caller in the error."""
     prompts_path = spec.get("prompts_path") or (cfg.prompts if cfg.prompts != "builtin" else None)
@@ -181,7 +171,7 @@ def rollout_result(res, rollouts_path: Path, problems: list[dict]) -> dict:
 
 
 __all__ = [
-    "load_problems", "resolve_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "reference_policy",
+    "load_problems", "spec_problems", "rollout_seed", "pad_token_id", "load_causal_lm", "reference_policy",
     "zero3_shadow",
     "sampling_policy", "truncate_rollout_log", "rollout_logger", "rollout_result", "reused_batches", "logs_batch",
 ]
