@@ -130,13 +130,14 @@ def test_a_holder_that_fails_lets_the_waiter_compute(tmp_path):
 
     def holder():
         try:
-            _compute_once(tmp_path, "f" * 32, result, log, 0.5, fail=True)
+            _compute_once(tmp_path, "f" * 32, result, log, 2.0, fail=True)
         except RuntimeError as e:
             errors.append(e)
 
     h = threading.Thread(target=holder)
     h.start()
-    poll(lambda: log.exists(), 10, "the holder computing")
+    # the holder computes for 2 s: found within 20 ms, the waiter surely comes while it holds the lock
+    poll(lambda: log.exists(), 10, "the holder computing", every=0.02)
     waits = []
     outcomes.append(_compute_once(tmp_path, "f" * 32, result, log, 0.1, waits=waits))
     h.join()
