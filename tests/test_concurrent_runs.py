@@ -411,7 +411,7 @@ def _worker_runs(logs: list[Path], ids: list[str]) -> dict[str, set[str]]:
 
 @pytest.mark.slow
 def test_identical_runs_through_a_server_and_two_workers_train_each_stage_once(prefect_server, tmp_path):
-    """The r1-smoke deployment of deployments/prefect.yaml on a process pool with 2 workers (4 flow
+    """The r1-smoke deployment of deployments/prefect.yaml on a process pool with 2 workers (2 flow
     runs each at most): 2 and then 8 identical (shrunk) smoke runs created together through the
     server's API, each batch on its own state dir. Every flow run completes on one of the workers,
     each stage key is computed once per state dir, and every run's summary is the same."""
@@ -421,7 +421,7 @@ def test_identical_runs_through_a_server_and_two_workers_train_each_stage_once(p
     dep = prefect_api(api, "GET", "/deployments/name/post-train/r1-smoke")
     logs = [tmp_path / f"worker-{w}.log" for w in range(2)]
     workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "posttrain-process",
-                                 "--name", f"w{w}", "--limit", "4"], cwd=tmp_path,
+                                 "--name", f"w{w}", "--limit", "2"], cwd=tmp_path,
                                 env=dict(os.environ, **env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO"),
                                 stdout=open(logs[w], "w"), stderr=subprocess.STDOUT, start_new_session=True)
                for w in range(2)]
