@@ -142,3 +142,11 @@ def mlflow_runs(state: Path):
     client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
     exp = client.get_experiment_by_name("posttrain")
     return client, exp.experiment_id
+
+
+def off_by_one_pairs(problems) -> list[dict]:
+    """Preference rows in TRL's format: each problem's worked solution against the same solution
+    with the answer off by one."""
+    return [{"prompt": p.prompt, "chosen": p.solution,
+             "rejected": p.solution.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")}
+            for p in problems]

@@ -17,6 +17,7 @@ import torch
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".posttrain" / "torch_extensions"))
 
 import models.recipes.dpo as dpo_mod  # noqa: E402
+from helpers import off_by_one_pairs  # noqa: E402
 from models.data.builtin_task import make_problems  # noqa: E402
 from models.recipes.preference_config import DPOConfig, RewardModelConfig  # noqa: E402
 import models.data.preference_pairs as pairs_mod  # noqa: E402
@@ -37,9 +38,7 @@ def pref_file(tmp_path_factory) -> Path:
     """8 hand-made pairs: the worked solution vs the same solution with the answer off by one."""
     rows = [{"prompt": "Q: 1+2\nA:", "chosen": "<think>1+2=3</think><answer>3</answer>",
              "rejected": "<think>1+2=3</think><answer>4</answer>"}]
-    for p in make_problems(0, 7, 1, 2, 3)[0]:
-        wrong = p.solution.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")
-        rows.append({"prompt": p.prompt, "chosen": p.solution, "rejected": wrong})
+    rows += off_by_one_pairs(make_problems(0, 7, 1, 2, 3)[0])
     out = tmp_path_factory.mktemp("prefs") / "pairs.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

@@ -290,10 +290,9 @@ def rl_base(tmp_path_factory):
 def pref_file(tmp_path_factory) -> Path:
     from models.data.builtin_task import make_problems
 
-    rows = []
-    for p in make_problems(0, 8, 1, 2, 3)[0]:
-        wrong = p.solution.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")
-        rows.append({"prompt": p.prompt, "chosen": p.solution, "rejected": wrong})
+    from helpers import off_by_one_pairs
+
+    rows = off_by_one_pairs(make_problems(0, 8, 1, 2, 3)[0])
     out = tmp_path_factory.mktemp("lora_prefs") / "pairs.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
