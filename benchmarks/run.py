@@ -16,13 +16,18 @@ import time
 
 from benchmarks import common, headlines
 
-SCRIPTS = {  # name -> module; cheap ones first
-    "rollout": "benchmarks.bench_rollout",
-    "sft": "benchmarks.bench_sft",
-    "dpo": "benchmarks.bench_dpo",
-    "grpo": "benchmarks.bench_grpo",
-    "memory": "benchmarks.bench_memory",
-    "orchestration": "benchmarks.bench_orchestration",
+SCRIPTS = {  # name -> (module, its arguments); cheap ones first
+    "rollout": ("benchmarks.bench_rollout", []),
+    "sft": ("benchmarks.bench_sft", []),
+    "dpo": ("benchmarks.bench_dpo", []),
+    "grpo": ("benchmarks.bench_grpo", []),
+    "memory": ("benchmarks.bench_memory", []),
+    "orchestration": ("benchmarks.bench_orchestration", []),
+    # SmolLM2-135M-Instruct (issue #16): the same comparisons at a real model's scale, keys `*_smollm2`
+    "smollm2-rollout": ("benchmarks.bench_rollout", ["--model", "smollm2"]),
+    "smollm2-sft": ("benchmarks.bench_sft", ["--model", "smollm2"]),
+    "smollm2-dpo": ("benchmarks.bench_dpo", ["--model", "smollm2"]),
+    "smollm2-grpo": ("benchmarks.bench_grpo", ["--model", "smollm2"]),
 }
 
 
@@ -44,7 +49,8 @@ def main() -> int:
     headlines.write_results(data, a.out)
     failed = []
     for name in names:
-        cmd = [sys.executable, "-m", SCRIPTS[name], "--threads", str(a.threads), *extra]
+        module, args = SCRIPTS[name]
+        cmd = [sys.executable, "-m", module, *args, "--threads", str(a.threads), *extra]
         if a.quick:
             cmd.append("--quick")
         if a.out:

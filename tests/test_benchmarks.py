@@ -70,3 +70,22 @@ def test_results_markdown_lists_every_headline_and_the_run(tmp_path):
     for key in headlines.TARGETS:
         assert f"`{key}`" in md
     assert "| `cached_rerun_fraction` | 0.02 | <= 0.03 | yes |" in md
+
+
+@pytest.mark.slow
+def test_smollm2_scripts_quick_write_the_suffixed_keys(tmp_path, smollm2_dir, monkeypatch):
+    """`--model smollm2` (issue #16): the real model's comparisons run on chat prompts and record
+    their own keys (`*_smollm2`) beside the tiny model's, with targets; a cheap pair of them here."""
+    monkeypatch.setenv("POSTTRAIN_BENCH_SMOLLM2_DIR", str(smollm2_dir))
+    _run("benchmarks.bench_rollout", tmp_path, "--model", "smollm2", "--reps", "1")
+    _run("benchmarks.bench_dpo", tmp_path, "--model", "smollm2", "--no-trl", "--reps", "1", "--warmup", "1")
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(res) == {"rollout_speedup_vs_generate_smollm2", "dpo_tokens_speedup_vs_trl_smollm2"}
+    for key, entry in res.items():
+        _check_entry(entry, key)
+        assert entry["raw"]["base"] == str(smollm2_dir)
+    r = res["rollout_speedup_vs_generate_smollm2"]["raw"]
+    assert r["batch"] == {"prompts": 8, "samples_per_prompt": 4, "max_new_tokens": 16}
+    assert r["posttrain_new_tokens_per_s"] > 0 and r["generate_new_tokens_per_s"] > 0
+    d = res["dpo_tokens_speedup_vs_trl_smollm2"]
+    assert d["value"] is None and d["raw"]["pairs_per_step"] == 8 and d["raw"]["posttrain_tokens_per_s"] > 0
