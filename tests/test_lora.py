@@ -11,8 +11,8 @@ import torch
 
 from helpers import build_half_solved_base, rl_spec  # noqa: E402
 from models.config import SFTConfig, load_recipe
-from models.modeling.lora import (ADAPTER_DIR, AdaptersOff, LoraConfig, adapters_disabled, apply_lora, merged_state_dict,
-                         trainable_bytes)
+from models.modeling.lora import (ADAPTER_DIR, AdaptersOff, LoraConfig, adapters_disabled, apply_lora, merged_for_inference,
+                         merged_state_dict, trainable_bytes)
 from models.recipes.preference_config import DPOConfig, RewardModelConfig
 from models.recipes.ppo_config import PPOConfig
 from models.recipes.rl_config import GRPOConfig
@@ -153,6 +153,51 @@ def test_merged_state_is_w_plus_scaled_ba_and_leaves_the_model_unmerged():
     assert not any("lora_" in k or "base_layer" in k for k in state)
     assert set(state) == set(_tiny_llama().state_dict())
     torch.testing.assert_close(q.base_layer.weight, w, rtol=0, atol=0)  # the training weights are untouched
+
+
+def test_decoding_on_merged_weights_computes_the_adapted_model_and_restores_it_bit_for_bit():
+    from models.generation.rollouts import SamplingParams, sample
+    from models.modeling.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = _tiny_llama(vocab=len(tok))
+    apply_lora(model, LoraConfig(r=4, alpha=8.0))
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        ids = _ids(len(tok))
+        adapted = model(input_ids=ids).logits
+        base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        base_ptr = q.base_layer.weight.data_ptr()
+        with merged_for_inference(model):
+            merged = model(input_ids=ids).logits
+            # inside: W + (alpha / r) B A in the base weight, adapters off (one matmul per layer)
+            delta = 2.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight
+            torch.testing.assert_close(q.base_layer.weight, base_weights["model.layers.0.self_attn.q_proj.base_layer.weight"] + delta)
+            assert q.disable_adapters
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert not q.disable_adapters and q.base_layer.weight.data_ptr() == base_ptr  # the same storage back
+    for n, p in model.named_parameters():  # the frozen base is not drifted by a merge/unmerge round trip
+        torch.testing.assert_close(p, base_weights[n], rtol=0, atol=0)
+    torch.testing.assert_close(after, adapted, rtol=0, atol=0)
+    # the sampler decodes a LoRA policy that way and gives the model back as it was; greedy picks agree
+    prompts = [[5, 6, 7], [8, 9]]
+    greedy = SamplingParams(max_new_tokens=6, greedy=True, stop_strings=())
+    got = sample(model, tok, prompts, 1, greedy, seed=0, batch_size=2)
+    assert [len(r.completion_ids) for r in got] and all(r.completion_ids for r in got)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, base_weights[n], rtol=0, atol=0)
+    with torch.no_grad():
+        for r in got:
+            seq = list(r.prompt_ids)
+            for t in r.completion_ids:  # each token is the argmax of the adapted (unmerged) model
+                if t in (tok.eos_token_id,):
+                    break
+                assert t == int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
+                seq.append(t)
 
 
 def test_trainable_and_adam_bytes_are_under_5_percent_of_full_fine_tuning():

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from models.modeling.chat import end_of_turn_id
+from models.modeling.lora import merged_for_inference
 from models.training.segment_attention import attention_implementation
 
 
@@ -360,7 +361,9 @@ def sample(
     with the chat template where it applies) or plain text, tokenized with the tokenizer's own special
     tokens (its post-processor adds BOS). Prompts are left padded and decoded `batch_size` sequences
     at a time. The same `seed` gives the same rollouts for the
-    same `batch_size`; the global torch RNG is not touched. The model is put in eval mode.
+    same `batch_size`; the global torch RNG is not touched. The model is put in eval mode. A model with
+    LoRA adapters decodes on merged weights (`models.modeling.lora.merged_for_inference`), left as it
+    was on return.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
@@ -390,7 +393,8 @@ def sample(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     rollouts: list[Rollout] = []
-    with torch.inference_mode():
+    # a LoRA policy decodes on merged weights (one matmul per linear layer, not three); restored after
+    with merged_for_inference(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = [prompt_ids[p] for p, _ in chunk]

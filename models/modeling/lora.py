@@ -98,6 +98,38 @@ def adapters_disabled(model: torch.nn.Module):
             m.enable_adapters(on)
 
 
+@contextlib.contextmanager
+def merged_for_inference(model: torch.nn.Module):
+    """Run `model`'s forwards on merged weights: each adapted layer's base weight is swapped for a new
+    tensor W + delta (peft's `get_delta_weight`) and its adapters are switched off, so a decoding step
+    costs one matmul per linear layer instead of three; on exit the original weight tensors are put
+    back, untouched (no merge/unmerge rounding drifts the frozen base). The same function up to float
+    rounding; it holds one extra copy of the adapted weights while inside. For inference only (under
+    `torch.no_grad()`); a model without adapters runs as it is."""
+    layers = list(_lora_layers(model).values()) if _may_have_adapters(model) else []
+    if not layers:
+        yield model
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                originals.append((base, base.weight.data))
+                base.weight.data = base.weight.data + delta
+        with adapters_disabled(model):
+            yield model
+    finally:
+        for base, weight in originals:
+            base.weight.data = weight
+
+
+def _may_have_adapters(model: torch.nn.Module) -> bool:
+    """Cheap check before importing peft: a LoRA layer's `lora_A` container is a named submodule."""
+    return any(name.endswith("lora_A") for name, _ in model.named_modules())
+
+
 class AdaptersOff:
     """A callable view of an adapted causal LM that runs its forward with the adapters off: the frozen
     base policy (the KL reference of GRPO/PPO) without a second copy of the weights. `module` and
