@@ -95,6 +95,41 @@ def test_layouts_give_the_padded_logits_and_gradients(model, mode):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("mode", ["packed", "tree", "segments", "padded"])
+def test_kept_positions_give_those_logits_and_gradients_only(model, mode, monkeypatch):
+    # SFT asks for the positions that predict a label: here every row's tail past its 3rd token
+    ids, mask = _batch(ROWS)
+    keep = mask.bool().clone()
+    keep[:, :3] = False
+    lengths = mask.sum(-1).tolist()
+    if mode == "padded":
+        monkeypatch.setattr(P, "ENABLED", False)  # the padded fallback: a boolean logits_to_keep
+    else:
+        layout = P.plan(lengths, model.config, [r[:] for r in ROWS], (mode,))
+        monkeypatch.setattr(P, "plan", lambda *a, **k: layout)
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    try:
+        model.zero_grad()
+        ref = model(input_ids=ids, attention_mask=mask).logits[keep]
+        ref.logsumexp(-1).sum().backward()
+        g_ref = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        head_rows.clear()
+        before = P.STATS["computed_slots"]
+        got = P.packed_logits(model, ids, mask, keep=keep)
+        assert (P.STATS["computed_slots"] - before < ids.numel()) == (mode != "padded")  # the layout was used
+        got.logsumexp(-1).sum().backward()
+    finally:
+        hook.remove()
+    assert got.shape == ref.shape == (int(keep.sum()), model.config.vocab_size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ref, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    if mode in ("segments", "padded"):  # the LM head ran on the kept positions alone
+        assert head_rows == [int(keep.sum())]
+
+
 def test_packed_logits_picks_a_cheaper_layout_and_matches(model):
     rows = [ROWS[i % len(ROWS)] for i in range(24)]  # repeated prompts: the tree pays
     ids, mask = _batch(rows)

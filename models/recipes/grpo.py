@@ -250,10 +250,27 @@ def global_normalizer(items: list[dict], loss_type: str) -> float:
     return float(sum(kept)) if loss_type == "token_mean" else float(sum(1 for c in kept if c > 0))
 
 
-def completion_logprobs(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs (b, n-1), shifted logits (b, n-1, V)) of the right-padded batch."""
-    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()  # padding-free
-    return token_logprobs(logits, batch["input_ids"][:, 1:], temperature), logits
+def completion_logprobs(model, batch: dict, temperature: float,
+                        entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (b, n-1), entropy (b, n-1) or None) of the right-padded batch's completion tokens
+    under softmax(logits / temperature), aligned with the shifted labels and 0 elsewhere. Only the
+    positions that predict a completion token get logits (`packed_logits(keep=...)`): the prompt's
+    positions never reach the LM head, and no (b, n, V) tensor is built."""
+    cmask = batch["completion_mask"]
+    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    keep[:, :-1] = cmask
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=keep).float()  # (K, V)
+    lp = token_logprobs(logits.unsqueeze(0), batch["input_ids"][:, 1:][cmask].unsqueeze(0), temperature)[0]
+    ent = None
+    if entropy:
+        with torch.no_grad():  # of the sampled distribution, from the same forward
+            ent = _on_positions(cmask, entropy_from_logits(logits.detach().unsqueeze(0) / temperature)[0])
+    return _on_positions(cmask, lp), ent
+
+
+def _on_positions(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(b, n-1) tensor holding `values` (K,) at `mask`'s True positions (row-major) and 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 def _forward_counts_must_match(engine, ctx: StepContext) -> bool:
@@ -287,13 +304,13 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
         if not live or not idle or _forward_counts_must_match(engine, ctx):
             live, idle = chunk, []
         batch = to_device(collate_rollouts(live, pad_id), device_of(engine))
-        logprobs, logits = completion_logprobs(engine, batch, cfg.temperature)
+        logprobs, token_entropy = completion_logprobs(engine, batch, cfg.temperature)
         cmask = batch["completion_mask"]
         loss_mask = cmask & (batch["weights"] > 0).unsqueeze(-1)
         ref = None
         if ref_model is not None:
             with torch.no_grad():
-                ref, _ = completion_logprobs(ref_model, batch, cfg.temperature)
+                ref, _ = completion_logprobs(ref_model, batch, cfg.temperature, entropy=False)
         # μ = 1: the old policy is this one (ratio 1). μ > 1: the sampled distribution's log-probs.
         old = logprobs.detach() if cfg.num_iterations == 1 else batch["behaviour"]
         loss, m = grpo_loss(
@@ -305,12 +322,12 @@ def grpo_step_fn(cfg: GRPOConfig, pad_id: int, ref_model=None):
         )
         with torch.no_grad():
             # Entropy of the sampled distribution, from the same forward pass.
-            entropy = masked_sum(entropy_from_logits(logits.detach() / cfg.temperature), cmask)
+            entropy = masked_sum(token_entropy, cmask)
             gap = masked_sum((logprobs.detach() - batch["behaviour"]).abs(), cmask)
             if idle:
                 ib = to_device(collate_rollouts(idle, pad_id), device_of(engine))
-                ilp, ilogits = completion_logprobs(engine, ib, cfg.temperature)
-                entropy = entropy + masked_sum(entropy_from_logits(ilogits / cfg.temperature), ib["completion_mask"])
+                ilp, ientropy = completion_logprobs(engine, ib, cfg.temperature)
+                entropy = entropy + masked_sum(ientropy, ib["completion_mask"])
                 gap = gap + masked_sum((ilp - ib["behaviour"]).abs(), ib["completion_mask"])
         share = float(loss_mask.sum()) / kept_tokens  # grpo_loss metrics are means over loss_mask
         metrics = {

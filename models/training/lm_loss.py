@@ -28,15 +28,18 @@ def n_label_tokens(examples) -> int:
 
 
 def causal_lm_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over label positions that are not IGNORE, and their count."""
-    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"])  # padding-free, same logits
-    shift_logits = logits[:, :-1].float()
+    """Sum of next-token NLL over label positions that are not IGNORE, and their count.
+
+    Only the positions that predict a label get logits (`packed_logits(keep=...)`): with SFT's
+    completion-only labels and a 49k-token vocabulary, the prompt positions' LM head and their
+    (B, T, V) logits are most of what a step would otherwise spend outside the transformer."""
     shift_labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
-    )
-    return nll, int((shift_labels != IGNORE).sum())
+    predicts = shift_labels != IGNORE
+    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    keep[:, :-1] = predicts
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=keep)  # (K, V), padding-free
+    nll = F.cross_entropy(logits.float(), shift_labels[predicts], reduction="sum")
+    return nll, int(predicts.sum())
 
 
 def lm_step_fn(pad_id: int):

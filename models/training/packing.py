@@ -303,28 +303,58 @@ def _padded_logits(model, input_ids, attention_mask, **kw) -> torch.Tensor:
     return model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
 
-def _gather(logits: torch.Tensor, index: torch.Tensor, b: int, t: int) -> torch.Tensor:
+def _gather(logits: torch.Tensor, index: torch.Tensor, b: int, t: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, T, V) logits of the padded batch from a layout's logits; with `keep`, only the kept
+    positions', (K, V) in row-major order."""
+    if keep is not None:
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, index.view(b, t)[keep])
     return logits.reshape(-1, logits.shape[-1]).index_select(0, index).view(b, t, -1)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward applies its LM head to the positions a 1-D `logits_to_keep` tensor
+    names (transformers' causal LMs: `hidden_states[:, logits_to_keep]`)."""
+    import inspect
+
+    module = _unwrap(model)
+    if module not in _keeps:
+        try:
+            _keeps[module] = "logits_to_keep" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            _keeps[module] = False
+    return _keeps[module]
+
+
+_keeps: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def _attn_impl(module) -> str | None:
     return getattr(getattr(module, "config", None), "_attn_implementation", None)
 
 
-def _forward(model, input_ids, lengths, pad_id, layout: Layout, **kw) -> torch.Tensor:
+def _forward(model, input_ids, lengths, pad_id, layout: Layout, keep=None, **kw) -> torch.Tensor:
     b, t = input_ids.shape
     if layout.mode == "segments":
         rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)]
         ids, pos, gather, scatter, index = segment_pack(rows, pad_id, t)
         dev = input_ids.device
+        index = index.to(dev)
+        if keep is not None and _takes_logits_to_keep(model):
+            # one row holds every node: the LM head runs on the kept positions' nodes alone
+            nodes = index.view(b, t)[keep]
+            with attention_implementation(_unwrap(model).config, SEGMENTS_ATTENTION):
+                logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False,
+                               segment_gather=gather.to(dev), segment_scatter=scatter.to(dev), logits_to_keep=nodes,
+                               **kw).logits
+            return logits.reshape(-1, logits.shape[-1])
         with attention_implementation(_unwrap(model).config, SEGMENTS_ATTENTION):
             logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False,
                            segment_gather=gather.to(dev), segment_scatter=scatter.to(dev), **kw).logits
-        return _gather(logits, index.to(dev), b, t)
+        return _gather(logits, index, b, t, keep)
     if layout.mode == "packed":
         ids, pos, index = pack(input_ids, lengths, pad_id, layout.width, layout.bins)
         logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kw).logits  # (R, C, V)
-        return _gather(logits, index, b, t)
+        return _gather(logits, index, b, t, keep)
     rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)]
     ids, pos, mask, index = tree_pack(rows, layout.width, layout.bins, pad_id, t)
     dev = input_ids.device
@@ -333,7 +363,7 @@ def _forward(model, input_ids, lengths, pad_id, layout: Layout, **kw) -> torch.T
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask.to(dev), use_cache=False,
                    **kw).logits
-    return _gather(logits, index.to(dev), b, t)
+    return _gather(logits, index.to(dev), b, t, keep)
 
 
 def _distributed() -> bool:
@@ -347,12 +377,17 @@ def _recomputes_activations(module) -> bool:
 
 
 def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int = 0,
-                  **kw) -> torch.Tensor:
+                  keep: torch.Tensor | None = None, **kw) -> torch.Tensor:
     """`model(input_ids=..., attention_mask=...).logits` of a right-padded batch, (B, T, V), computed
     on the real tokens only, shared prefixes once (see the module docstring). Values at padded
     positions are arbitrary finite numbers, as in a padded forward: callers mask them. Falls back to
     exactly that padded call for left-padded or unpadded batches, when no layout saves >= 5%, and
     for models that failed (or, inside a multi-process run, never had) the check of `verify`.
+
+    `keep`, a (B, T) bool mask, asks for the kept positions' logits only: `logits[keep]`, (K, V) in
+    row-major order. In the segments layout the LM head then runs on those positions alone (the
+    model's `logits_to_keep`), which spares a large vocabulary's head and its (B, T, V) copy on every
+    prompt and padding position; the other layouts select after the head.
 
     Every call runs exactly one forward of `model`, whatever the layout, so ranks that decide
     differently still run the same collectives (ZeRO-3 gathers parameters module by module)."""
@@ -370,15 +405,26 @@ def packed_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     lengths = right_padded_lengths(attention_mask) if modes else None
     if not modes or lengths is None or min(lengths) == 0:
         STATS["computed_slots"] += input_ids.numel()
-        return _padded_logits(model, input_ids, attention_mask, **kw)
+        return _padded_kept(model, input_ids, attention_mask, keep, **kw)
     rows = [r[:n] for r, n in zip(input_ids.tolist(), lengths)] if {"tree", "segments"} & set(modes) else None
     config = getattr(key, "config", None)
     layout = plan(lengths, config, rows, modes)
     if layout.cost >= 0.95 * padded_cost(len(lengths), input_ids.shape[1], config):
         STATS["computed_slots"] += input_ids.numel()
-        return _padded_logits(model, input_ids, attention_mask, **kw)
+        return _padded_kept(model, input_ids, attention_mask, keep, **kw)
     STATS["computed_slots"] += len(layout.bins) * layout.width
-    return _forward(model, input_ids, lengths, pad_id, layout, **kw)
+    return _forward(model, input_ids, lengths, pad_id, layout, keep=keep, **kw)
+
+
+def _padded_kept(model, input_ids, attention_mask, keep, **kw) -> torch.Tensor:
+    """The padded forward's logits; with `keep`, the kept positions' only, (K, V) in row-major order
+    (the LM head on those positions alone where the model takes a boolean `logits_to_keep`)."""
+    if keep is None:
+        return _padded_logits(model, input_ids, attention_mask, **kw)
+    if _takes_logits_to_keep(model):
+        logits = _padded_logits(model, input_ids, attention_mask, logits_to_keep=keep, **kw)
+        return logits.reshape(-1, logits.shape[-1])
+    return _padded_logits(model, input_ids, attention_mask, **kw)[keep]
 
 
 def verify(model) -> dict[str, bool]:
