@@ -126,8 +126,32 @@ def test_kept_positions_give_those_logits_and_gradients_only(model, mode, monkey
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_ref, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    if mode in ("segments", "padded"):  # the LM head ran on the kept positions alone
+    if mode == "padded":  # the LM head ran on the kept positions alone
         assert head_rows == [int(keep.sum())]
+    if mode == "segments":  # ... each shared node once (rows 0-2 and 3-5 share their first tokens)
+        assert len(head_rows) == 1 and 0 < head_rows[0] < int(keep.sum())
+
+
+def test_kept_positions_of_shared_prefixes_take_each_node_once_and_sum_its_copies_by_index_select(model, monkeypatch):
+    # rows sharing a prefix name its nodes several times: the head runs on each node once and the
+    # copies come from index_select (a fixed-order backward), so two runs give bit-identical gradients
+    rows = [ROWS[i % len(ROWS)] for i in range(12)]
+    ids, mask = _batch(rows)
+    keep = mask.bool()
+    layout = P.plan(mask.sum(-1).tolist(), model.config, rows, ("segments",))
+    monkeypatch.setattr(P, "plan", lambda *a, **k: layout)
+    head_rows, grads = [], []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            P.packed_logits(model, ids, mask, keep=keep).logsumexp(-1).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        hook.remove()
+    assert head_rows == [P.trie_nodes(rows)] * 2 and P.trie_nodes(rows) < int(keep.sum())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_packed_logits_picks_a_cheaper_layout_and_matches(model):

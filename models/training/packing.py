@@ -340,13 +340,17 @@ def _forward(model, input_ids, lengths, pad_id, layout: Layout, keep=None, **kw)
         dev = input_ids.device
         index = index.to(dev)
         if keep is not None and _takes_logits_to_keep(model):
-            # one row holds every node: the LM head runs on the kept positions' nodes alone
-            nodes = index.view(b, t)[keep]
+            # one row holds every node: the LM head runs on the kept positions' nodes alone, each node
+            # once (rows sharing a prefix name it several times). Those copies are taken with
+            # index_select, whose backward sums them in a fixed order; advanced indexing with repeated
+            # indices would sum them with the CPU's parallel atomic adds, in an order that varies run to
+            # run (and a resumed run would then not reproduce an uninterrupted one)
+            nodes, copies = torch.unique(index.view(b, t)[keep], return_inverse=True)
             with attention_implementation(_unwrap(model).config, SEGMENTS_ATTENTION):
                 logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False,
                                segment_gather=gather.to(dev), segment_scatter=scatter.to(dev), logits_to_keep=nodes,
                                **kw).logits
-            return logits.reshape(-1, logits.shape[-1])
+            return logits.reshape(-1, logits.shape[-1]).index_select(0, copies)
         with attention_implementation(_unwrap(model).config, SEGMENTS_ATTENTION):
             logits = model(input_ids=ids.to(dev), position_ids=pos.to(dev), use_cache=False,
                            segment_gather=gather.to(dev), segment_scatter=scatter.to(dev), **kw).logits
