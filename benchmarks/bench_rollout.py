@@ -59,9 +59,7 @@ def measure(base, threads: int, warmup: int, reps: int, num_prompts: int, g: int
         rows = [p for p in sets[i] for _ in range(g)]
         t0 = time.perf_counter()
         if chat:  # the same ids, left padded
-            width = max(map(len, rows))
-            enc = {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
-                   "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+            enc = common.left_pad(rows, tok.pad_token_id)
         else:
             enc = tok(rows, return_tensors="pt", padding=True, padding_side="left")
         torch.manual_seed(i)

@@ -48,6 +48,14 @@ SMOLLM2 = {"lr": 1e-5, "batch": 8, "max_seq_len": 320}
 # ----------------------------------------------------------------------------- data and the shared order
 
 
+def settings(model: str, quick: bool, threads: int) -> tuple[str, int, float, int]:
+    """(base dir, batch, lr, max_seq_len) of the SFT comparison for `--model`."""
+    if model == "smollm2":
+        return str(common.smollm2_dir()), SMOLLM2["batch"], SMOLLM2["lr"], SMOLLM2["max_seq_len"]
+    base = common.bench_base(steps=30 if quick else common.BASE_SFT_STEPS, small=quick, threads=threads)
+    return str(base), common.SFT_BATCH, LR, MAX_SEQ_LEN
+
+
 def sft_rows(n: int, model: str = "builtin") -> list[dict]:
     if model == "smollm2":
         return common.chat_sft_rows(n)
@@ -183,11 +191,7 @@ def main() -> None:
     reps = a.reps or (3 if a.quick else 4 if real else 15)
     rounds = a.rounds or (1 if a.quick or real else 2)
     steps = warmup + reps
-    if real:
-        base, batch, lr, max_seq_len = str(common.smollm2_dir()), SMOLLM2["batch"], SMOLLM2["lr"], SMOLLM2["max_seq_len"]
-    else:
-        base = str(common.bench_base(steps=30 if a.quick else common.BASE_SFT_STEPS, small=a.quick, threads=a.threads))
-        batch, lr, max_seq_len = common.SFT_BATCH, LR, MAX_SEQ_LEN
+    base, batch, lr, max_seq_len = settings(a.model, a.quick, a.threads)
     rows = sft_rows(512 if a.quick else 4096, a.model)
     pl = plan(base, rows, steps, batch, max_seq_len=max_seq_len)
     payload = {"base": base, "rows": rows, "order": pl["order"], "steps": steps, "batch": batch, "lr": lr,

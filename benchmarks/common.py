@@ -376,6 +376,15 @@ def chat_problems(n: int, offset: int = 0) -> list[dict]:
     return [dict(p, prompt=_user(p["prompt"])) for p in problems(n, offset)]
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> dict:
+    """`generate`'s inputs for prompt ids: every row left padded to the longest, with its mask."""
+    import torch
+
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux ru_maxrss is in KiB)."""
     import resource

@@ -184,7 +184,7 @@ def render_markdown(data: dict) -> str:
             f"- date (UTC): {run.get('date')}",
             f"- machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB; "
             f"{m.get('threads')} threads per side; load average at start {m.get('load_average')}",
-            f"- versions: " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
             f"- code: {m.get('git_commit')}{' (uncommitted changes)' if m.get('git_dirty') else ''}"
             + ("; QUICK mode (small sizes, few repetitions: smoke numbers, not results)" if run.get("quick") else ""),
             "",

@@ -45,10 +45,8 @@ def main() -> None:
         prompts = [encode_prompt(tok, p["prompt"], "never") for p in common.problems(n, offset=10_000)]
         params = SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=1.0, top_k=0)
     stop_ids = sorted(_eos_ids(model, tok))
-    rows = [p for p in prompts for _ in range(g)]
-    width = max(map(len, rows))
-    enc = {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows]),
-           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    enc = common.left_pad([p for p in prompts for _ in range(g)], tok.pad_token_id)
+    width = enc["input_ids"].shape[1]
 
     def ours():
         out = sample(model, tok, prompts, g, params, seed=0, batch_size=n * g)

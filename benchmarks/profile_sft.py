@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 from benchmarks import common
-from benchmarks.bench_sft import LR, MAX_SEQ_LEN, SMOLLM2, matmul_peak, model_shape, plan, posttrain_side, sft_rows, step_flops
+from benchmarks.bench_sft import matmul_peak, model_shape, plan, posttrain_side, settings, sft_rows, step_flops
 
 
 def main() -> None:
@@ -40,10 +40,7 @@ def main() -> None:
     import torch
 
     total = a.steps + (a.profile_steps if a.profile else 0)
-    if a.model == "smollm2":
-        base, batch, lr, max_seq_len = str(common.smollm2_dir()), SMOLLM2["batch"], SMOLLM2["lr"], SMOLLM2["max_seq_len"]
-    else:
-        base, batch, lr, max_seq_len = str(common.bench_base(threads=a.threads)), common.SFT_BATCH, LR, MAX_SEQ_LEN
+    base, batch, lr, max_seq_len = settings(a.model, False, a.threads)
     rows = sft_rows(4096, a.model)
     pl = plan(base, rows, total, batch, max_seq_len=max_seq_len)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])

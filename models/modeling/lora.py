@@ -115,7 +115,7 @@ def merged_for_inference(model: torch.nn.Module):
         with torch.no_grad():
             for layer in layers:
                 base = layer.get_base_layer()
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                delta = _delta_weight(layer)
                 originals.append((base, base.weight.data))
                 base.weight.data = base.weight.data + delta
         with adapters_disabled(model):
@@ -123,6 +123,12 @@ def merged_for_inference(model: torch.nn.Module):
     finally:
         for base, weight in originals:
             base.weight.data = weight
+
+
+def _delta_weight(layer) -> torch.Tensor:
+    """What a LoRA layer adds to its base weight: (alpha / r) B A of each active adapter (peft's
+    `get_delta_weight`, what `merge_and_unload` adds)."""
+    return sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
 
 
 def _may_have_adapters(model: torch.nn.Module) -> bool:
@@ -165,7 +171,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         state[key.replace(".base_layer.", ".")] = v.detach().clone().contiguous()
     for name, layer in layers.items():
         base = layer.get_base_layer()
-        delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        delta = _delta_weight(layer)
         state[f"{name}.weight"] = (base.weight + delta).detach().contiguous()
     return state
 

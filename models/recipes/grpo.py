@@ -46,7 +46,7 @@ from models.training.engine import StepContext, run_loop
 from models.algorithms.logprobs import entropy_from_logits, masked_sum, token_logprobs
 from models.modeling.lora import prepare_backbone
 from models.algorithms.losses import grpo_loss
-from models.training.packing import packed_logits, verify as verify_packing
+from models.training.packing import packed_logits, predicting, verify as verify_packing
 from models.algorithms.reasoning import chunk_metrics, marker_flags
 from models.recipes.rollout_common import (
     load_causal_lm,
@@ -257,9 +257,7 @@ def completion_logprobs(model, batch: dict, temperature: float,
     positions that predict a completion token get logits (`packed_logits(keep=...)`): the prompt's
     positions never reach the LM head, and no (b, n, V) tensor is built."""
     cmask = batch["completion_mask"]
-    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    keep[:, :-1] = cmask
-    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=keep).float()  # (K, V)
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=predicting(cmask)).float()  # (K, V)
     lp = token_logprobs(logits.unsqueeze(0), batch["input_ids"][:, 1:][cmask].unsqueeze(0), temperature)[0]
     ent = None
     if entropy:

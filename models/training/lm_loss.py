@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models.training.batching import pad_right
 from models.modeling.device import device_of, to_device
 from models.training.engine import StepContext
-from models.training.packing import packed_logits
+from models.training.packing import packed_logits, predicting
 
 IGNORE = -100
 
@@ -35,9 +35,7 @@ def causal_lm_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     (B, T, V) logits are most of what a step would otherwise spend outside the transformer."""
     shift_labels = batch["labels"][:, 1:]
     predicts = shift_labels != IGNORE
-    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    keep[:, :-1] = predicts
-    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=keep)  # (K, V), padding-free
+    logits = packed_logits(model, batch["input_ids"], batch["attention_mask"], keep=predicting(predicts))  # (K, V)
     nll = F.cross_entropy(logits.float(), shift_labels[predicts], reduction="sum")
     return nll, int(predicts.sum())
 

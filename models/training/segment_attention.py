@@ -1,5 +1,5 @@
-"""Attention computed per sequence over the one-row prefix tree of `models.training.packing.segment_pack`
-(the *segments* layout; see that module's docstring), as a transformers attention function, plus
+"""Attention computed per sequence over the one-row prefix tree of `models.training.layouts.segment_pack`
+(the *segments* layout; see `models.training.packing`'s docstring), as a transformers attention function, plus
 the row-gather ops it uses, and the context manager that switches a model's attention function for
 a few forwards (also used by the sampler's decode attention in `models/generation/rollouts.py`)."""
 
