@@ -15,6 +15,7 @@ from models.algorithms.filters import (
     filter_format,
     filter_length,
     filter_max_per_prompt,
+    filter_pass_rate,
     filter_reward,
     normalize_completion,
 )
@@ -104,6 +105,34 @@ def test_max_per_prompt_keeps_first_k_in_order():
     # p1: s0 s1 (s2 s3 dropped); p2: s4 s5 (s6 s8 dropped); p3: s7
     assert ids(filter_max_per_prompt(scored(), 2)) == ["s0", "s1", "s4", "s5", "s7"]
     assert ids(filter_max_per_prompt(scored(), 1)) == ["s0", "s4", "s7"]
+
+
+def test_pass_rate_drops_every_sample_of_prompts_solved_too_often():
+    # passes (total >= 1): p1 3 of 4 (0.75), p2 4 of 4 (1.0), p3 0 of 1 (0.0)
+    assert ids(filter_pass_rate(scored(), 0.75, 1.0)) == ["s0", "s1", "s2", "s3", "s7"]
+    assert ids(filter_pass_rate(scored(), 0.5, 1.0)) == ["s7"]
+    assert ids(filter_pass_rate(scored(), 1.0, 1.0)) == ids(scored())
+    # the threshold is min_reward's: with 0.0 every judged row passes, p3's 0.0 included
+    assert ids(filter_pass_rate(scored(), 0.99, 0.0)) == []
+    with pytest.raises(ValueError, match="max_pass_rate"):
+        filter_pass_rate(scored(), 1.5, 1.0)
+
+
+def test_pass_rate_runs_first_and_counts_every_sample():
+    kept, report = apply_filters(scored(), FilterConfig(max_pass_rate=0.75))
+    # pass_rate 9 -> 5 (p2's four); format -> s0 s1 s2 s3 (s7); reward -> s0 s1 s2; dedupe -> s0
+    assert ids(kept) == ["s0"]
+    assert [(r["filter"], r["removed"]) for r in report] == [
+        ("pass_rate", 4), ("format", 1), ("reward", 1), ("dedupe", 2), ("max_per_prompt", 0),
+    ]  # fmt: skip
+    # after the reward filter every surviving row passes, so the same filter there would drop them all
+    late = ["format", "reward", "pass_rate", "length", "dedupe", "best_of_n", "max_per_prompt"]
+    with pytest.raises(NothingSurvivedError, match="'pass_rate'"):
+        apply_filters(scored(), FilterConfig(max_pass_rate=0.75, order=late))
+    # an order written before pass_rate existed gets it first
+    assert FilterConfig(order=list(FILTER_NAMES[1:])).order == list(FILTER_NAMES)
+    with pytest.raises(ValidationError, match="set min_reward"):
+        FilterConfig(max_pass_rate=0.5, min_reward=None)
 
 
 def test_filters_keep_index_and_order():

@@ -8,7 +8,7 @@ Report convention: a filter switched off by its own setting (`min_reward=None`, 
 `dedupe="none"`, no length bounds, `require_format=False`, `max_per_prompt=None`) does not run and is
 **absent** from the report, so every report row is a filter that actually looked at the data.
 
-Per-prompt filters (dedupe, best_of_n, max_per_prompt) group by `prompt_id`.
+Per-prompt filters (pass_rate, dedupe, best_of_n, max_per_prompt) group by `prompt_id`.
 """
 
 from __future__ import annotations
@@ -95,6 +95,20 @@ def filter_length(df: pd.DataFrame, min_length: int | None = None, max_length: i
 # ----------------------------------------------------------------------------- per-prompt filters
 
 
+def filter_pass_rate(df: pd.DataFrame, max_pass_rate: float, threshold: float) -> pd.DataFrame:
+    """Drop every row of a prompt whose pass rate (the fraction of its rows with `total >= threshold`)
+    is above `max_pass_rate`. Prompts the model already solves every time teach a re-fine-tune
+    nothing and crowd out the ones it solves sometimes (difficulty filtering: the hard-prompt
+    selection of RAFT-style expert iteration and of DAPO's dynamic sampling). It needs every sample of
+    a prompt, so it runs before any filter that drops rows."""
+    if not 0.0 <= max_pass_rate <= 1.0:
+        raise ValueError(f"max_pass_rate must be in [0, 1], got {max_pass_rate}")
+    _need(df, ("prompt_id", "total"), "pass_rate")
+    passed = df["total"].map(lambda v: (x := _number(v)) is not None and x >= threshold - REWARD_TOLERANCE)
+    rate = passed.astype(float).groupby(df["prompt_id"].map(str).to_numpy()).transform("mean")
+    return df[(rate <= max_pass_rate + REWARD_TOLERANCE).to_numpy()]
+
+
 def normalize_completion(text: str) -> str:
     """Whitespace runs collapsed to one space, ends stripped, lowercased: `' A\\n  b'` -> `'a b'`."""
     return " ".join(str(text).split()).lower()
@@ -144,6 +158,11 @@ def filter_max_per_prompt(df: pd.DataFrame, max_per_prompt: int) -> pd.DataFrame
 def enabled_filters(cfg: FilterConfig) -> list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame]]]:
     """(name, function) of every filter `cfg` switches on, in `cfg.order`."""
     on: dict[str, Callable[[pd.DataFrame], pd.DataFrame] | None] = {
+        "pass_rate": (
+            (lambda d: filter_pass_rate(d, cfg.max_pass_rate, cfg.min_reward))
+            if cfg.max_pass_rate is not None
+            else None
+        ),
         "format": filter_format if cfg.require_format else None,
         "reward": (lambda d: filter_reward(d, cfg.min_reward)) if cfg.min_reward is not None else None,
         "length": (
@@ -195,6 +214,7 @@ __all__ = [
     "filter_format",
     "filter_length",
     "filter_max_per_prompt",
+    "filter_pass_rate",
     "filter_reward",
     "normalize_completion",
 ]

@@ -16,7 +16,7 @@ from models.data.builtin_task import STOP_STRINGS
 from models.modeling.chat import CHAT_TEMPLATE_HELP, ChatTemplate
 from models.recipes.train_config import Strict
 
-FILTER_NAMES = ("format", "reward", "length", "dedupe", "best_of_n", "max_per_prompt")
+FILTER_NAMES = ("pass_rate", "format", "reward", "length", "dedupe", "best_of_n", "max_per_prompt")
 """Every filter `models.algorithms.filters.apply_filters` knows, in the default order of application."""
 
 
@@ -71,6 +71,12 @@ class FilterConfig(Strict):
         description="keep samples whose `total` is >= this (1.0 with the default rewards = correct only; "
         "R1 keeps only correct answers). None = off",
     )
+    max_pass_rate: float | None = Field(
+        None, ge=0, le=1,
+        description="drop every sample of a prompt whose pass rate (the fraction of its samples with "
+        "`total >= min_reward`) is above this: prompts the model always solves teach refine nothing "
+        "(difficulty filtering). Counted over all of a prompt's samples, so it runs first. None = off",
+    )
     best_of_n: bool = Field(
         False,
         description="keep only the best sample of each prompt: highest `total`, ties to the shortest "
@@ -97,12 +103,15 @@ class FilterConfig(Strict):
         default_factory=lambda: list(FILTER_NAMES),
         description="the order filters apply in: a permutation of "
         + ", ".join(FILTER_NAMES)
-        + ". Cheap, row-local filters first; per-prompt caps last, so they count only good samples",
+        + " (an order without pass_rate runs it first). The pass rate needs all of a prompt's "
+        "samples, then cheap row-local filters; per-prompt caps last, so they count only good samples",
     )
 
     @field_validator("order")
     @classmethod
     def _order_is_permutation(cls, v: list[str]) -> list[str]:
+        if "pass_rate" not in v:  # orders written before the filter existed: it runs first
+            v = ["pass_rate", *v]
         unknown = [name for name in v if name not in FILTER_NAMES]
         if unknown:
             raise ValueError(f"unknown filter(s) {unknown} (known: {', '.join(FILTER_NAMES)})")
@@ -114,6 +123,12 @@ class FilterConfig(Strict):
                 "switch a filter off with its own setting instead"
             )
         return v
+
+    @model_validator(mode="after")
+    def _pass_rate_needs_threshold(self):
+        if self.max_pass_rate is not None and self.min_reward is None:
+            raise ValueError("max_pass_rate counts samples with total >= min_reward: set min_reward too")
+        return self
 
     @model_validator(mode="after")
     def _length_bounds(self):
