@@ -7,7 +7,7 @@ import math
 import pytest
 
 from models.generation.evaluation import evaluate
-from models.algorithms.metrics import majority_at_k, majority_vote, pass_at_k
+from models.algorithms.metrics import majority_at_k, majority_vote, pairwise_agreement, pass_at_k
 
 
 def test_pass_at_k_by_hand():
@@ -127,3 +127,17 @@ def test_evaluate_k1_is_greedy_only(tiny):
     metrics, rows = run_eval(tiny, 1, num_problems=3)
     assert set(metrics) == {"pass@1", "mean_length", "num_problems"}
     assert len(rows) == 3 and all(r["greedy"] for r in rows)
+
+
+def test_pairwise_agreement_by_hand():
+    # prompt a: correct {3, 1}, incorrect {2}: 3>2 wins, 1<2 loses -> 1 of 2
+    # prompt b: correct {5}, incorrect {5, 0}: a tie (1/2) and a win -> 1.5 of 2
+    # prompt c: only correct completions: no pair
+    scores = [3, 1, 2, 5, 5, 0, 9]
+    correct = [True, True, False, True, False, False, True]
+    groups = ["a", "a", "a", "b", "b", "b", "c"]
+    assert pairwise_agreement(scores, correct, groups) == (pytest.approx(2.5 / 4), 4)
+    assert math.isnan(pairwise_agreement([1.0, 2.0], [True, True], [0, 0])[0])
+    assert pairwise_agreement([1.0, 2.0], [True, False], [0, 1]) == (pytest.approx(float("nan"), nan_ok=True), 0)
+    with pytest.raises(ValueError, match="equal lengths"):
+        pairwise_agreement([1.0], [True, False], [0, 0])

@@ -151,6 +151,17 @@ def test_global_batch_rewards_whitening_and_determinism(base):
         verifier = x["score"] - 0.5 * 0.01 * len(x["completion_text"])
         assert verifier == pytest.approx(1.0 if x["correct"] else 0.0, abs=1e-9)
     assert {x["correct"] for x in b0} == {False, True}, "the fixture base should give mixed scores"
+    # the reward model's agreement with the verifier, recounted from the rows: over (correct,
+    # incorrect) completions of one prompt, how often the longer-is-better fake scorer ranks right
+    won = pairs = 0
+    for a in b0:
+        for b in b0:
+            if a["prompt_id"] == b["prompt_id"] and a["correct"] and not b["correct"]:
+                la, lb = len(a["completion_text"]), len(b["completion_text"])
+                won, pairs = won + (1.0 if la > lb else 0.5 if la == lb else 0.0), pairs + 1
+    stats = b0[0]["stats"]
+    assert pairs > 0 and stats["rm_verifier_agreement"] == pytest.approx(won / pairs)
+    assert stats["rm_score_mean"] == pytest.approx(sum(0.01 * len(x["completion_text"]) for x in b0) / len(b0))
     # the old log-probs are those the sampler drew with (same weights, T = 1, top_p = 1)
     assert max(abs(a - b) for x in b0 for a, b in zip(x["old_logprobs"], x["behaviour_logprobs"])) < 1e-4
     # advantages whitened over every completion token of the global batch

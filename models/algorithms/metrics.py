@@ -1,4 +1,5 @@
-"""Evaluation metrics over sampled answers: pass@k and majority vote. Pure functions, no model."""
+"""Evaluation metrics over sampled answers: pass@k, majority vote and a scorer's agreement with a
+verifier. Pure functions, no model."""
 
 from __future__ import annotations
 
@@ -46,3 +47,23 @@ def majority_at_k(answers: list[str | None], correct: list[bool], k: int) -> flo
     if voted is None:
         return 0.0
     return 1.0 if correct[answers.index(voted)] else 0.0
+
+
+def pairwise_agreement(scores: list[float], correct: list[bool], groups: list) -> tuple[float, int]:
+    """How often a scorer (a reward model) ranks a correct completion above an incorrect completion
+    of the same prompt: over every (correct, incorrect) pair within a group, the fraction with
+    score(correct) > score(incorrect), ties counting 1/2. Returns (agreement, number of pairs);
+    (nan, 0) when no group holds both kinds. It is the reward model's pair accuracy measured on
+    the policy's own samples, judged by the verifier (0.5 = chance)."""
+    if not len(scores) == len(correct) == len(groups):
+        raise ValueError(f"need equal lengths, got {len(scores)}, {len(correct)}, {len(groups)}")
+    by_group: dict = {}
+    for s, c, g in zip(scores, correct, groups):
+        by_group.setdefault(g, ([], []))[0 if c else 1].append(float(s))
+    won, pairs = 0.0, 0
+    for good, bad in by_group.values():
+        for a in good:
+            for b in bad:
+                won += 1.0 if a > b else 0.5 if a == b else 0.0
+                pairs += 1
+    return (won / pairs if pairs else float("nan")), pairs

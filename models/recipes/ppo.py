@@ -49,6 +49,7 @@ from models.training.engine import StepContext, run_loop
 from models.modeling.heads import CausalLMWithValueHead
 from models.algorithms.kl import kl_estimate
 from models.algorithms.logprobs import entropy_from_logits, masked_sum, masked_whiten, token_logprobs
+from models.algorithms.metrics import pairwise_agreement
 from models.modeling.lora import prepare_backbone
 from models.algorithms.losses import kl_penalized_rewards, ppo_policy_loss, ppo_value_loss
 from models.recipes.ppo_config import PPOConfig
@@ -63,6 +64,8 @@ from models.generation.rollouts import SamplingParams, sample
 VALUE_HEAD_FILE = "value_head.safetensors"
 TOKEN_FIELDS = ("old_logprobs", "old_values", "advantages", "returns")
 BATCH_STATS = ("advantage_std", "explained_variance", "frac_unjudged")
+RM_STATS = ("rm_score_mean", "rm_verifier_agreement")  # with a reward model: its mean raw score and
+# pairwise_agreement with the verifier on the batch (models/algorithms/metrics.py)
 
 
 # ----------------------------------------------------------------------------- pure targets
@@ -123,8 +126,9 @@ def _completion_rows(x: torch.Tensor, items: list[dict], width: int) -> torch.Te
 
 
 def score_completions(rollouts, problems, cfg: PPOConfig, reward_fn, reward_scorer):
-    """(scores, correct, unjudged): sequence scores (unjudged verifiers count 0), whether the
-    built-in verifier (or the verifier total) judged a completion >= 1, and whether no verifier could."""
+    """(scores, correct, unjudged, rm): sequence scores (unjudged verifiers count 0), whether the
+    built-in verifier (or the verifier total) judged a completion >= 1, whether no verifier could,
+    and the reward model's raw scores (None without one)."""
     n = len(rollouts)
     verifier, correct, unjudged = [0.0] * n, [False] * n, [False] * n
     if reward_fn is not None:
@@ -135,11 +139,11 @@ def score_completions(rollouts, problems, cfg: PPOConfig, reward_fn, reward_scor
             judged = parts.get(key) if key else total
             verifier[i] = 0.0 if total is None else float(total)
             correct[i], unjudged[i] = judged is not None and judged >= 1.0, total is None
-    rm = [0.0] * n
-    if reward_scorer is not None:
-        rm = [float(s) for s in reward_scorer([problems[r.prompt_index]["prompt"] for r in rollouts],
-                                              [r.completion_text for r in rollouts])]
-    return [v + cfg.reward_model_weight * s for v, s in zip(verifier, rm)], correct, unjudged
+    if reward_scorer is None:
+        return verifier, correct, unjudged, None
+    rm = [float(s) for s in reward_scorer([problems[r.prompt_index]["prompt"] for r in rollouts],
+                                          [r.completion_text for r in rollouts])]
+    return [v + cfg.reward_model_weight * s for v, s in zip(verifier, rm)], correct, unjudged, rm
 
 
 def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *, ref_model=None,
@@ -178,7 +182,7 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
         lp, ref, val = (torch.cat(cols[k]) for k in ("lp", "ref", "val"))
         lengths = torch.tensor([len(it["completion_ids"]) for it in items], device=lp.device)
         mask = torch.arange(width, device=lp.device)[None, :] < lengths[:, None]
-        scores, correct, unjudged = score_completions(rollouts, picked, cfg, reward_fn, reward_scorer)
+        scores, correct, unjudged, rm = score_completions(rollouts, picked, cfg, reward_fn, reward_scorer)
         t = ppo_targets(torch.tensor(scores, device=lp.device), lp, ref, val, mask, cfg)
         raw = t["raw_advantages"][mask]
         resid_var = (t["returns"] - val)[mask].var() if raw.numel() > 1 else torch.tensor(0.0)
@@ -189,6 +193,12 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
             "explained_variance": float(1 - resid_var / ret_var) if float(ret_var) > 0 else 0.0,
             "frac_unjudged": sum(unjudged) / len(items),
         }
+        if rm is not None:
+            # does the reward model rank this batch's correct completions above the incorrect ones
+            # of the same prompt? 0.5 = chance, and the value when no prompt has both (or no verifier)
+            agree, pairs = pairwise_agreement(rm, correct, [r.prompt_index for r in rollouts])
+            stats.update(rm_score_mean=sum(rm) / len(rm),
+                         rm_verifier_agreement=agree if pairs and reward_fn is not None else 0.5)
         for i, (it, ro) in enumerate(zip(items, rollouts)):
             c = len(it["completion_ids"])
             p = picked[ro.prompt_index]
@@ -253,7 +263,9 @@ def ppo_step_fn(cfg: PPOConfig, pad_id: int):
             **chunk_metrics(chunk, ctx.global_batch),
         }
         first = chunk[0]["index"] == 0  # batch-level statistics once per step
-        metrics.update({k: (chunk[0]["stats"][k] if first else 0.0) for k in BATCH_STATS})
+        stats = chunk[0]["stats"]  # one dict per global batch, the same on every rank
+        keys = BATCH_STATS + (RM_STATS if "rm_score_mean" in stats else ())
+        metrics.update({k: (stats[k] if first else 0.0) for k in keys})
         return loss * ctx.loss_scale, metrics
 
     return step
