@@ -102,7 +102,7 @@ def test_mlflow_has_parent_children_tags_and_dataset_digest(smoke_run):
 
 
 def test_changed_filter_setting_recomputes_only_filter_and_what_follows(smoke_run, tmp_path):
-    cli("run", "--smoke", "--set", "filter.max_per_prompt=2", state_dir=smoke_run["state"], summary=tmp_path / "s.json")
+    cli("run", "--smoke", "--set", "filter.max_per_prompt=1", state_dir=smoke_run["state"], summary=tmp_path / "s.json")
     s = json.loads((tmp_path / "s.json").read_text())
     ran = [st["stage"] for st in s["stages"] if not st["cached"]]
     assert ran == ["filter", "refine"]
