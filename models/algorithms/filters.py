@@ -76,11 +76,15 @@ def filter_format(df: pd.DataFrame) -> pd.DataFrame:
     return df[keep.astype(bool)]
 
 
+def _passes(df: pd.DataFrame, threshold: float) -> pd.Series:
+    """Per row: a judged `total >= threshold` (within REWARD_TOLERANCE)."""
+    return df["total"].map(lambda v: (x := _number(v)) is not None and x >= threshold - REWARD_TOLERANCE).astype(bool)
+
+
 def filter_reward(df: pd.DataFrame, min_reward: float) -> pd.DataFrame:
     """Keep rows with `total >= min_reward` (within REWARD_TOLERANCE)."""
     _need(df, ("total",), "reward")
-    keep = df["total"].map(lambda v: (x := _number(v)) is not None and x >= min_reward - REWARD_TOLERANCE)
-    return df[keep.astype(bool)]
+    return df[_passes(df, min_reward)]
 
 
 def filter_length(df: pd.DataFrame, min_length: int | None = None, max_length: int | None = None) -> pd.DataFrame:
@@ -104,8 +108,7 @@ def filter_pass_rate(df: pd.DataFrame, max_pass_rate: float, threshold: float) -
     if not 0.0 <= max_pass_rate <= 1.0:
         raise ValueError(f"max_pass_rate must be in [0, 1], got {max_pass_rate}")
     _need(df, ("prompt_id", "total"), "pass_rate")
-    passed = df["total"].map(lambda v: (x := _number(v)) is not None and x >= threshold - REWARD_TOLERANCE)
-    rate = passed.astype(float).groupby(df["prompt_id"].map(str).to_numpy()).transform("mean")
+    rate = _passes(df, threshold).astype(float).groupby(df["prompt_id"].map(str).to_numpy()).transform("mean")
     return df[(rate <= max_pass_rate + REWARD_TOLERANCE).to_numpy()]
 
 

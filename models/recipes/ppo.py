@@ -195,10 +195,10 @@ def make_global_batch(model, tokenizer, problems: list[dict], cfg: PPOConfig, *,
         }
         if rm is not None:
             # does the reward model rank this batch's correct completions above the incorrect ones
-            # of the same prompt? 0.5 = chance, and the value when no prompt has both (or no verifier)
+            # of the same prompt? 0.5 = chance, and the value when no prompt has both (no verifier: none has)
             agree, pairs = pairwise_agreement(rm, correct, [r.prompt_index for r in rollouts])
             stats.update(rm_score_mean=sum(rm) / len(rm),
-                         rm_verifier_agreement=agree if pairs and reward_fn is not None else 0.5)
+                         rm_verifier_agreement=agree if pairs else 0.5)
         for i, (it, ro) in enumerate(zip(items, rollouts)):
             c = len(it["completion_ids"])
             p = picked[ro.prompt_index]
