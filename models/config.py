@@ -61,6 +61,29 @@ class TaskConfig(Strict):
         description="fraction of pretraining docs that are free-form worked solutions (not the SFT "
         "format); web text has some, and R1-Zero needs them to have anything to reinforce",
     )
+    worked_after_question: bool = Field(
+        False,
+        description="worked docs follow the question as the answer lines do ('4-0+2-7= 4-0 is 4, …'), so "
+        "after a prompt '4-0+2-7=' the base may answer directly or work it out (R1-Zero: RL has two "
+        "behaviours to choose between); False: they stand alone ('4-0 is 4, …')",
+    )
+    check_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="fraction of pretraining docs that answer and then check the answer by working it out "
+        "('4-0+2-7=3. Wait, let me check: 4-0 is 4, …, so the result is -1.'): the self-check R1-Zero's RL "
+        "can reinforce",
+    )
+    guess_accuracy: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="in the checked docs, how often the first answer is already right (else off by 1-3)",
+    )
+
+    @model_validator(mode="after")
+    def _mix(self):
+        if self.worked_fraction + self.check_fraction > 1.0:
+            raise ValueError(f"worked_fraction ({self.worked_fraction}) + check_fraction ({self.check_fraction}) "
+                             "is above 1: the rest of the corpus is answer lines")
+        return self
 
     @model_validator(mode="after")
     def _operand_range(self):
@@ -75,9 +98,18 @@ class PretrainConfig(TrainConfig):
 
     lr: float = Field(2e-3, gt=0, description="peak learning rate; a 1.8M model takes a high one")
     max_steps: int = Field(500, ge=1, description="optimizer steps (~2 min on 2 cores)")
-    batch_size: int = Field(32, ge=1, description="packed sequences per step")
-    micro_batch_size: int = Field(32, ge=1, description="packed sequences per rank per micro-step")
-    seq_len: int = Field(128, ge=8, description="packed sequence length in tokens")
+    batch_size: int = Field(32, ge=1, description="examples per step: packed blocks, or documents with "
+                            "packing: documents")
+    micro_batch_size: int = Field(32, ge=1, description="examples per rank per micro-step")
+    seq_len: int = Field(128, ge=8, description="packed block length in tokens (packing: documents: the "
+                         "longest document, longer ones are cut)")
+    packing: Literal["blocks", "documents"] = Field(
+        "blocks",
+        description="blocks: whole documents concatenated into seq_len blocks, attending across document "
+        "boundaries (nanoGPT); documents: each document its own example that attends only to itself "
+        "(document masking), laid out without padding by the trainer (measured on the built-in task: "
+        "docs/measurements.md, 'R1-Zero: the pretraining corpus')",
+    )
     hidden_size: int = Field(192, ge=8, description="model width (prototype: 192)")
     num_layers: int = Field(4, ge=1, description="transformer blocks")
     num_heads: int = Field(4, ge=1, description="attention heads")

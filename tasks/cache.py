@@ -25,9 +25,21 @@ BOOKKEEPING_FIELDS = frozenset({
     "log_every", "save_every", "keep_checkpoints", "nnodes", "nproc_per_node", "rdzv_endpoint", "rdzv_timeout_s",
 })
 
+# Fields added after stages were cached, left out of the key at their default: there they compute
+# exactly what configs written before them did (the built-in corpus and pretraining of earlier
+# versions, document for document), so adding them keeps every finished stage cached.
+ADDED_AT_DEFAULT = {"worked_after_question": False, "check_fraction": 0.0, "guess_accuracy": 0.5, "packing": "blocks"}
+
+
+def _kept(k, v) -> bool:
+    if k in BOOKKEEPING_FIELDS:
+        return False
+    return not (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k])
+
+
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in sorted(obj.items()) if k not in BOOKKEEPING_FIELDS}
+        return {k: _strip(v) for k, v in sorted(obj.items()) if _kept(k, v)}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj

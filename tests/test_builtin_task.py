@@ -6,12 +6,14 @@ from models.data import builtin_task
 from models.data.builtin_task import (
     TASK_VERSION,
     Problem,
+    checked_text,
     evaluate,
     extract_answer,
     make_problem,
     make_problems,
     pretrain_corpus,
     verify,
+    verify_lenient,
     worked_text,
 )
 
@@ -85,6 +87,48 @@ def test_pretrain_corpus():
     q, a = plain[0].split("=")
     assert int(a) == evaluate(q)
     assert not [d for d in pretrain_corpus(1, 200, set(), worked_fraction=0.0) if d.endswith(".")]
+
+
+def test_checked_text_style():
+    # the first answer (3) is a guess; the check works the chain out and its result is the final one
+    assert checked_text("4-0+2-7", 3) == (
+        "4-0+2-7=3. Wait, let me check: 4-0 is 4, 4+2 is 6, 6-7 is -1, so the result is -1.")
+    assert verify_lenient("4-0+2-7=", checked_text("4-0+2-7", 3).split("=", 1)[1], "-1") == 1.0
+
+
+def test_pretrain_corpus_r1_zero_mix():
+    _, test = make_problems(1, n_train=0, n_test=200, min_operands=3, max_operands=3)
+    excluded = {p.question for p in test}
+    kw = dict(worked_fraction=0.2, min_operands=3, max_operands=3, check_fraction=0.3,
+              worked_after_question=True, guess_accuracy=0.5)
+    docs = pretrain_corpus(1, 4000, excluded, **kw)
+    assert docs == pretrain_corpus(1, 4000, excluded, **kw)
+    checked = [d for d in docs if "Wait, let me check: " in d]
+    worked = [d for d in docs if "= " in d and d not in checked]
+    plain = [d for d in docs if d not in checked and d not in worked]
+    assert 0.25 < len(checked) / 4000 < 0.35 and 0.15 < len(worked) / 4000 < 0.25
+    for d in docs:  # every doc starts with its question, which is never a held-out one
+        q = d.split("=")[0]
+        assert q not in excluded and len(q) == 5
+    for d in worked:  # the question, then its worked text
+        q, rest = d.split("= ", 1)
+        assert rest == worked_text(q)
+    right = 0
+    for d in checked:
+        q, rest = d.split("=", 1)
+        guess = int(rest.split(". Wait")[0])
+        assert d == checked_text(q, guess)
+        assert guess == evaluate(q) or 1 <= abs(guess - evaluate(q)) <= 3
+        right += guess == evaluate(q)
+    assert 0.4 < right / len(checked) < 0.6
+    assert all(int(d.split("=")[1]) == evaluate(d.split("=")[0]) for d in plain)
+    # the defaults draw nothing more: the corpus without the mix is unchanged
+    assert pretrain_corpus(1, 300, set(), worked_fraction=0.1) == pretrain_corpus(
+        1, 300, set(), worked_fraction=0.1, check_fraction=0.0, worked_after_question=False, guess_accuracy=0.9)
+    with pytest.raises(ValueError, match="at most 1"):
+        pretrain_corpus(1, 10, set(), worked_fraction=0.6, check_fraction=0.5)
+    with pytest.raises(ValueError, match="guess_accuracy"):
+        pretrain_corpus(1, 10, set(), guess_accuracy=1.5)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,24 @@ def test_keys_of_configs_written_before_the_node_fields_are_unchanged():
     assert key(cfg=resolved(load_recipe("r1").grpo), stage="grpo") == "eeeb900f21c3395fa4d6f8c895438756"
 
 
+def test_corpus_and_packing_fields_at_their_default_keep_the_keys_and_otherwise_change_them():
+    # task.worked_after_question / check_fraction / guess_accuracy and fetch.pretrain.packing came after
+    # the literals above; at their defaults they compute what configs without them did. The fetch key
+    # hashes the fetch settings with the task's (flows/post_train.py, plan_node)
+    def fetch_key(overrides):
+        recipe = load_recipe("r1", overrides)
+        return key(cfg={"fetch": resolved(recipe.fetch), "task": resolved(recipe.task)}, stage="fetch")
+
+    base = fetch_key([])
+    assert base == "ab24ec27b5508268808a9d022f857242"  # computed on the commit before these fields
+    explicit = ["task.worked_after_question=false", "task.check_fraction=0.0", "task.guess_accuracy=0.5",
+                "fetch.pretrain.packing=blocks"]
+    assert fetch_key(explicit) == base
+    for change in ("task.worked_after_question=true", "task.check_fraction=0.1", "task.guess_accuracy=0.9",
+                   "fetch.pretrain.packing=documents"):
+        assert fetch_key([change]) != base, change
+
+
 def test_how_ranks_are_spread_over_nodes_is_bookkeeping_but_world_size_is_not():
     two_ranks = key(cfg=resolved(load_recipe("r1", ["sft.world_size=2", "sft.micro_batch_size=8"]).sft))
     for layout in (["sft.nnodes=2"], ["sft.nnodes=2", "sft.nproc_per_node=1"],

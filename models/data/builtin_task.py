@@ -173,6 +173,15 @@ def sft_demonstrations(
     return [p for p in train if kept(p)]
 
 
+def checked_text(question: str, guess: int) -> str:
+    """An answer followed by a check that works the chain out: the pretraining mix's self-check.
+
+    ``("4-0+2-7", 3)`` -> ``4-0+2-7=3. Wait, let me check: 4-0 is 4, …, 6-7 is -1, so the result is -1.``
+    The final answer is the worked one, whatever the guess was.
+    """
+    return f"{question}={guess}. Wait, let me check: {worked_text(question)}"
+
+
 def pretrain_corpus(
     seed: int,
     n_docs: int,
@@ -180,15 +189,29 @@ def pretrain_corpus(
     worked_fraction: float = 0.05,
     min_operands: int = 3,
     max_operands: int = 6,
+    check_fraction: float = 0.0,
+    worked_after_question: bool = False,
+    guess_accuracy: float = 0.5,
 ) -> list[str]:
-    """Pretraining documents: mostly ``4-0+2-7=-1`` lines, ``worked_fraction`` of them worked out
-    in prose (see ``worked_text``). Never in the SFT format, never an excluded (test) question.
+    """Pretraining documents, never in the SFT format and never on an excluded (test) question:
 
-    Questions may repeat across documents, as they would in web text.
+    - ``4-0+2-7=-1`` lines (the rest);
+    - ``worked_fraction`` worked out in prose (``worked_text``), standing alone or, with
+      ``worked_after_question``, after the question as the lines are (``4-0+2-7= 4-0 is 4, …``), so
+      that after a prompt ``4-0+2-7=`` a base model may either answer or work it out;
+    - ``check_fraction`` answered and then checked by working the chain out (``checked_text``); the
+      first answer is right with probability ``guess_accuracy``, else off by 1 to 3.
+
+    Questions may repeat across documents, as they would in web text. With ``check_fraction`` 0 and
+    ``worked_after_question`` False this is the corpus of earlier versions, document for document.
     """
     _check_range(min_operands, max_operands)
-    if not 0.0 <= worked_fraction <= 1.0:
-        raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
+    for name, value in (("worked_fraction", worked_fraction), ("check_fraction", check_fraction),
+                        ("guess_accuracy", guess_accuracy)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if worked_fraction + check_fraction > 1.0:
+        raise ValueError(f"worked_fraction + check_fraction must be at most 1, got {worked_fraction + check_fraction}")
     if _n_questions(min_operands, max_operands) <= len(exclude_questions):
         raise ValueError("every question is excluded; nothing to pretrain on")
     rng = random.Random(f"builtin-task/{seed}/pretrain")
@@ -197,8 +220,15 @@ def pretrain_corpus(
         q = _random_question(rng, min_operands, max_operands)
         if q in exclude_questions:
             continue
-        if rng.random() < worked_fraction:
-            docs.append(worked_text(q))
+        u = rng.random()
+        if u < worked_fraction:
+            docs.append(f"{q}= {worked_text(q)}" if worked_after_question else worked_text(q))
+        elif u < worked_fraction + check_fraction:
+            value = evaluate(q)
+            guess = value
+            if rng.random() >= guess_accuracy:
+                guess = value + rng.choice((-3, -2, -1, 1, 2, 3))
+            docs.append(checked_text(q, guess))
         else:
             docs.append(f"{q}={evaluate(q)}")
     return docs

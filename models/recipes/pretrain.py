@@ -2,7 +2,9 @@
 
 Documents are packed whole into fixed-length blocks (never split, so every block starts with a BOS,
 which the prototype found the model needs to lock onto), trained with plain next-token loss on the
-same engine loop as every other stage.
+same engine loop as every other stage. With ``packing: documents`` each document is its own example
+instead: it attends only to itself (document masking), and the trainer's padding-free layouts
+(models/training/packing.py) pack the documents of a micro-batch into rows without padding.
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ def pack_documents(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[
     return blocks
 
 
+def document_examples(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Each document its own `BOS doc EOS` example, cut at seq_len (``packing: documents``)."""
+    eos = tokenizer.eos_token_id
+    return [((ids + [eos])[:seq_len], (ids + [eos])[:seq_len]) for ids in tokenizer(docs)["input_ids"]]
+
+
 def corpus(task: TaskConfig) -> list[str]:
     _, test = builtin_task.make_problems(task.seed, 1, task.n_test, task.min_operands, task.max_operands)
     return builtin_task.pretrain_corpus(
         task.seed, task.pretrain_docs, {p.question for p in test}, task.worked_fraction,
-        task.min_operands, task.max_operands,
+        task.min_operands, task.max_operands, check_fraction=task.check_fraction,
+        worked_after_question=task.worked_after_question, guess_accuracy=task.guess_accuracy,
     )
 
 
@@ -54,7 +63,8 @@ def train_pretrain(spec: dict, on_log=None) -> dict:
     )
     prepare_backbone(model, cfg)  # gradient checkpointing if asked (PretrainConfig refuses lora)
     torch.manual_seed(cfg.seed)
-    blocks = pack_documents(corpus(task), tokenizer, cfg.seq_len)
+    make = pack_documents if cfg.packing == "blocks" else document_examples
+    blocks = make(corpus(task), tokenizer, cfg.seq_len)
     sampler = EpochSampler(len(blocks), cfg.seed)
 
     def global_batch(step: int):
