@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--docs", type=int, default=60000)
+    ap.add_argument("--seed", type=int, default=0, help="the model's init and the batch order (the corpus is seed 0's)")
     args = ap.parse_args()
 
     import torch
@@ -102,15 +103,15 @@ def main() -> None:
     from models.modeling.tokenizer import build_tokenizer
     from models.recipes.pretrain import pack_documents
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     _, test = bt.make_problems(0, 1, 256, 3, 6, "plain")
     docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
                               check_fraction=args.check, worked_after_question=True)
     tok = build_tokenizer()
     blocks = [ids for ids, _ in pack_documents(docs, tok, 128)]
-    model = build_tiny_model(tok, seed=0)
+    model = build_tiny_model(tok, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, order, t0 = random.Random(0), [], time.time()
+    rng, order, t0 = random.Random(args.seed), [], time.time()
     for step in range(1, args.steps + 1):
         if len(order) < 32:
             idx = list(range(len(blocks)))
