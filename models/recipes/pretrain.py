@@ -19,12 +19,20 @@ from models.modeling.tiny_model import build_tiny_model, save_hf
 from models.modeling.tokenizer import build_tokenizer
 
 
+def document_examples(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Each document its own `BOS doc EOS` example, cut at seq_len (``packing: documents``)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(docs)["input_ids"]:
+        seq = (ids + [eos])[:seq_len]
+        out.append((seq, list(seq)))
+    return out
+
+
 def pack_documents(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """Greedy-fill blocks of at most seq_len tokens with whole `BOS doc EOS` sequences."""
     blocks, cur = [], []
-    eos = tokenizer.eos_token_id
-    for ids in tokenizer(docs)["input_ids"]:
-        ids = (ids + [eos])[:seq_len]
+    for ids, _ in document_examples(docs, tokenizer, seq_len):
         if len(cur) + len(ids) > seq_len:
             blocks.append((cur, list(cur)))
             cur = []
@@ -32,12 +40,6 @@ def pack_documents(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[
     if cur:
         blocks.append((cur, list(cur)))
     return blocks
-
-
-def document_examples(docs: list[str], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Each document its own `BOS doc EOS` example, cut at seq_len (``packing: documents``)."""
-    eos = tokenizer.eos_token_id
-    return [((ids + [eos])[:seq_len], (ids + [eos])[:seq_len]) for ids in tokenizer(docs)["input_ids"]]
 
 
 def corpus(task: TaskConfig) -> list[str]:
