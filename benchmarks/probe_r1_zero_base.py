@@ -94,7 +94,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--docs", type=int, default=60000)
     ap.add_argument("--seed", type=int, default=0, help="the model's init and the batch order (the corpus is seed 0's)")
+    ap.add_argument("--draw", choices=("blocks", "docs"), default="blocks",
+                    help="blocks: 32 packed 128-token blocks a step (documents masked by hand with --packing "
+                    "documents); docs: --batch documents a step, drawn one by one as the flow's "
+                    "`packing: documents` does (document_examples, seq_len 160, EpochSampler)")
+    ap.add_argument("--batch", type=int, default=96, help="documents a step with --draw docs")
+    ap.add_argument("--loop", choices=("plain", "engine"), default="plain",
+                    help="plain: this file's torch loop; engine: the stages' DeepSpeed loop (run_loop, "
+                    "lm_step_fn, padding-free layouts) with --draw docs")
+    ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args()
+    if args.loop == "engine":
+        return _engine(args)
 
     import torch
 
@@ -108,6 +119,12 @@ def main() -> None:
     docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
                               check_fraction=args.check, worked_after_question=True)
     tok = build_tokenizer()
+    if args.draw == "docs":
+        from models.recipes.pretrain import document_examples
+        from models.training.batching import EpochSampler
+
+        examples = [ids for ids, _ in document_examples(docs, tok, 160)]
+        sampler = EpochSampler(len(examples), args.seed)
     blocks = [ids for ids, _ in pack_documents(docs, tok, 128)]
     model = build_tiny_model(tok, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -119,14 +136,18 @@ def main() -> None:
             order += idx
         batch = [blocks[i] for i in order[:32]]
         del order[:32]
+        if args.draw == "docs":
+            batch = [examples[i] for i in sampler.indices((step - 1) * args.batch, args.batch)]
         width = max(map(len, batch))
         ids = torch.tensor([b + [tok.pad_token_id] * (width - len(b)) for b in batch])
         labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
         kw = {}
-        if args.packing == "documents":
+        if args.packing == "documents" and args.draw == "blocks":
             kw["attention_mask"], kw["position_ids"] = _masks(batch, tok.pad_token_id, tok.bos_token_id)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, step / 20)
+            g["lr"] = args.lr * min(1.0, step / args.warmup)
+        if args.draw == "docs":
+            kw["attention_mask"] = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
         loss = model(input_ids=ids, labels=labels, **kw).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,6 +156,42 @@ def main() -> None:
         if step % args.every == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s | {evaluate(model, tok, test[:128])}",
                   flush=True)
+
+
+def _engine(args) -> None:
+    """The flow's pretraining (models/recipes/pretrain.py, packing: documents) with this file's evaluation."""
+    import torch
+
+    import tempfile
+
+    from models.config import PretrainConfig
+    from models.data import builtin_task as bt
+    from models.modeling.tiny_model import build_tiny_model
+    from models.modeling.tokenizer import build_tokenizer
+    from models.recipes.pretrain import document_examples
+    from models.training.batching import EpochSampler
+    from models.training.engine import run_loop
+    from models.training.lm_loss import lm_step_fn
+
+    _, test = bt.make_problems(0, 1, 256, 3, 6, "plain")
+    docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
+                              check_fraction=args.check, worked_after_question=True)
+    tok = build_tokenizer()
+    cfg = PretrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
+                         seq_len=160, packing="documents", lr_schedule="constant", warmup_steps=args.warmup,
+                         save_every=10**6, seed=args.seed, num_threads=torch.get_num_threads())
+    model = build_tiny_model(tok, seed=args.seed)
+    examples = document_examples(docs, tok, cfg.seq_len)
+    sampler = EpochSampler(len(examples), args.seed)
+    t0 = time.time()
+
+    def after(engine, step):
+        if (step + 1) % args.every == 0:
+            print(f"step {step + 1} {time.time() - t0:.0f}s | {evaluate(engine.module, tok, test[:128])}", flush=True)
+
+    with tempfile.TemporaryDirectory() as d:
+        run_loop(model, cfg, d, lambda step: [examples[i] for i in sampler.indices(step * cfg.batch_size, cfg.batch_size)],
+                 lm_step_fn(tok.pad_token_id), lambda m, out: None, after_step=after)
 
 
 if __name__ == "__main__":
