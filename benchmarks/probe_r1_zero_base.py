@@ -48,32 +48,32 @@ def _masks(batch, pad_id, bos_id):
     return torch.zeros(len(batch), 1, width, width).masked_fill(~allowed[:, None], float("-inf")), pos
 
 
-def _generate(model, tok, prompts):
+def _generate(model, tok, prompts, max_new_tokens=128):
     import torch
 
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=128, do_sample=False, eos_token_id=tok.eos_token_id,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
     return [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
 
 
-def evaluate(model, tok, problems) -> str:
+def evaluate(model, tok, problems, max_new_tokens=128) -> str:
     from models.data import builtin_task as bt
 
     model.eval()
     forms, right = collections.Counter(), collections.Counter()
-    for p, c in zip(problems, _generate(model, tok, [p.prompt for p in problems])):
+    for p, c in zip(problems, _generate(model, tok, [p.prompt for p in problems], max_new_tokens)):
         form = "checked" if "check" in c else ("worked" if " is " in c else "direct")
         forms[form] += 1
         right[form] += bt.verify_lenient(p.prompt, c, p.answer) == 1.0
     steps = collections.Counter()
     solved = 0
-    for p, c in zip(problems, _generate(model, tok, [p.prompt + " " for p in problems])):
+    for p, c in zip(problems, _generate(model, tok, [p.prompt + " " for p in problems], max_new_tokens)):
         solved += bt.verify_lenient(p.prompt, c, p.answer) == 1.0
         ops = [(p.question[i], p.question[i + 1]) for i in range(1, len(p.question), 2)]
-        for j, (a, op, d, r) in enumerate(re.findall(r"(-?\d+)([+-])(\d) is (-?\d+)", c)):
+        for j, (a, op, d, r) in enumerate(re.findall(r"(-?\d+)([+-])(\d) is (-?\d+)", c.split(" Wait")[0])):
             steps["steps"] += 1
             steps["wrong_operand"] += j >= len(ops) or (op, d) != ops[j]
             steps["wrong_result"] += (int(a) + int(d) if op == "+" else int(a) - int(d)) != int(r)
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--packing", choices=("blocks", "documents"), default="documents")
     ap.add_argument("--worked", type=float, default=0.15, help="task.worked_fraction")
     ap.add_argument("--check", type=float, default=0.15, help="task.check_fraction")
+    ap.add_argument("--seq-len", type=int, default=160,
+                    help="longest document with --draw docs / --loop engine; evaluation generates seq_len - 32 tokens")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -97,7 +99,7 @@ def main() -> None:
     ap.add_argument("--draw", choices=("blocks", "docs"), default="blocks",
                     help="blocks: 32 packed 128-token blocks a step (documents masked by hand with --packing "
                     "documents); docs: --batch documents a step, drawn one by one as the flow's "
-                    "`packing: documents` does (document_examples, seq_len 160, EpochSampler)")
+                    "`packing: documents` does (document_examples, --seq-len, EpochSampler)")
     ap.add_argument("--batch", type=int, default=96, help="documents a step with --draw docs")
     ap.add_argument("--loop", choices=("plain", "engine"), default="plain",
                     help="plain: this file's torch loop; engine: the stages' DeepSpeed loop (run_loop, "
@@ -123,7 +125,7 @@ def main() -> None:
         from models.recipes.pretrain import document_examples
         from models.training.batching import EpochSampler
 
-        examples = [ids for ids, _ in document_examples(docs, tok, 160)]
+        examples = [ids for ids, _ in document_examples(docs, tok, args.seq_len)]
         sampler = EpochSampler(len(examples), args.seed)
     blocks = [ids for ids, _ in pack_documents(docs, tok, 128)]
     model = build_tiny_model(tok, seed=args.seed)
@@ -154,7 +156,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         if step % args.every == 0:
-            print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s | {evaluate(model, tok, test[:128])}",
+            print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s | {evaluate(model, tok, test[:128], args.seq_len - 32)}",
                   flush=True)
 
 
@@ -178,7 +180,7 @@ def _engine(args) -> None:
                               check_fraction=args.check, worked_after_question=True)
     tok = build_tokenizer()
     cfg = PretrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
-                         seq_len=160, packing="documents", lr_schedule="constant", warmup_steps=args.warmup,
+                         seq_len=args.seq_len, packing="documents", lr_schedule="constant", warmup_steps=args.warmup,
                          save_every=10**6, seed=args.seed, num_threads=torch.get_num_threads())
     model = build_tiny_model(tok, seed=args.seed)
     examples = document_examples(docs, tok, cfg.seq_len)
@@ -187,7 +189,7 @@ def _engine(args) -> None:
 
     def after(engine, step):
         if (step + 1) % args.every == 0:
-            print(f"step {step + 1} {time.time() - t0:.0f}s | {evaluate(engine.module, tok, test[:128])}", flush=True)
+            print(f"step {step + 1} {time.time() - t0:.0f}s | {evaluate(engine.module, tok, test[:128], args.seq_len - 32)}", flush=True)
 
     with tempfile.TemporaryDirectory() as d:
         run_loop(model, cfg, d, lambda step: [examples[i] for i in sampler.indices(step * cfg.batch_size, cfg.batch_size)],

@@ -247,15 +247,24 @@ class NodeRunner:
                                   dict(stage=node.name, cache_key=key, inputs=inputs, ctx=ctx, **kwargs),
                                   ctx, stage_cfg, inputs, run_name=node.name)
         self.tracker.set_tags(res.mlflow_run_id, {"posttrain.stage_kind": node.kind})
-        row = {"stage": node.name, "kind": node.kind, "cached": cached, "wall_seconds": round(wall, 3),
-               "mlflow_run_id": res.mlflow_run_id, "output": {"path": res.output.path, "digest": res.output.digest},
-               "metrics": {}, "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step,
-               "cache_key": res.cache_key, "inputs": dict(node.inputs)}
+        row = stage_row(node, res, cached, wall)
         if node.spec.output == "checkpoint":
             ev, ev_cached, ev_wall = _evaluate(self.eval_task, node.name, res.output, self.problems, self.eval_cfg, ctx)
             row.update(cached=cached and ev_cached, wall_seconds=round(wall + ev_wall, 3), metrics=ev.metrics,
                        eval_mlflow_run_id=ev.mlflow_run_id)
         return res, row
+
+
+def stage_row(node: Node, res: StageResult, cached: bool, wall: float) -> dict[str, Any]:
+    """A node's row of the run summary (before its evaluation is added); an RL stage that found its
+    "aha" step (tag `posttrain.aha_step` on its run) also has it here, for the report and the JSON."""
+    row = {"stage": node.name, "kind": node.kind, "cached": cached, "wall_seconds": round(wall, 3),
+           "mlflow_run_id": res.mlflow_run_id, "output": {"path": res.output.path, "digest": res.output.digest},
+           "metrics": {}, "train_metrics": res.metrics, "resumed_from_step": res.resumed_from_step,
+           "cache_key": res.cache_key, "inputs": dict(node.inputs)}
+    if res.extra.get("aha_step") is not None:
+        row["aha_step"] = res.extra["aha_step"]
+    return row
 
 
 def _run_graph(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path],

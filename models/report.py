@@ -79,7 +79,8 @@ def build_report_figure(summary: dict, rl_curves: dict[str, list[dict]] | None):
     _accuracy_panel(axes[0], [r for r in stage_table(summary) if r["pass@1"] is not None or r["pass@k"] is not None])
     _rl_panel(axes[1], rl_curves or {})
     if reasoning:
-        _reasoning_panel(axes[2], curves)
+        aha = {r["stage"]: r["aha_step"] for r in summary.get("stages", []) if r.get("aha_step") is not None}
+        _reasoning_panel(axes[2], curves, aha)
     title = "posttrain run report"
     if summary.get("recipe"):
         title += f" — recipe {summary['recipe']}" + (" (smoke)" if summary.get("smoke") else "")
@@ -145,9 +146,10 @@ def _rl_panel(ax, rl_curves: dict[str, list[dict]]) -> None:
     ax.legend(loc="lower right", fontsize=9, frameon=False)
 
 
-def _reasoning_panel(ax, curves: dict[str, list[dict]]) -> None:
+def _reasoning_panel(ax, curves: dict[str, list[dict]], aha: dict[str, int] | None = None) -> None:
     """Marker rates and the answer-format rate (left axis) and the completion length of correct and
-    incorrect answers (right axis) per step: a trailing 10-step mean drawn over the raw values, faint."""
+    incorrect answers (right axis) per step: a trailing 10-step mean drawn over the raw values, faint;
+    a stage's "aha" step (``aha``: stage -> step) as a dotted vertical line."""
     from models.algorithms.reasoning import smooth
 
     ax.set_title("Reasoning signals per step (10-step mean; raw values faint)")
@@ -168,6 +170,10 @@ def _reasoning_panel(ax, curves: dict[str, list[dict]]) -> None:
             axis.plot(xs, ys, styles[i % len(styles)], color=color, lw=0.8, alpha=0.25)
             (line,) = axis.plot(xs, smooth(list(ys), 10), styles[i % len(styles)], color=color, lw=2,
                                 label=f"{prefix}{key.removeprefix('marker/')}")
+            handles.append(line)
+        if (aha or {}).get(name) is not None:
+            (line,) = ax.plot([aha[name]] * 2, [0, 1.05], ":", color="black", lw=1.2,
+                              label=f"{prefix}aha step {aha[name]}")
             handles.append(line)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("optimizer step")

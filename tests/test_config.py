@@ -106,3 +106,10 @@ def test_operand_range_is_checked_in_one_line():
         load_recipe("r1", ["task.min_operands=7"])
     assert "\n" not in str(e.value)
     assert load_recipe("r1", ["task.min_operands=4", "task.max_operands=4"]).task.min_operands == 4
+
+
+def test_task_corpus_mix_is_checked_at_load():
+    with pytest.raises(RecipeError, match="is above 1"):
+        load_recipe("r1-zero", ["task.worked_fraction=0.9", "task.check_fraction=0.2"])
+    with pytest.raises(RecipeError, match="guess_accuracy"):
+        load_recipe("r1-zero", ["task.guess_accuracy=1.5"])

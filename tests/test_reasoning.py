@@ -80,4 +80,28 @@ def test_report_draws_the_reasoning_panel(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert any(t.startswith("Reasoning signals") for t in titles)
     assert len(build_report_figure(summary, {"grpo": [{"step": 1, "reward_mean": 0.1}]}).axes) == 2
+    # the stage's aha step (summary row `aha_step`) is a labelled vertical line on the reasoning panel
+    summary["stages"][0]["aha_step"] = 7
+    panel = next(ax for ax in build_report_figure(summary, {"grpo": rows}).axes
+                 if ax.get_title().startswith("Reasoning signals"))
+    (aha,) = [ln for ln in panel.get_lines() if ln.get_label() == "aha step 7"]
+    assert list(aha.get_xdata()) == [7, 7]
     assert (tmp_path / "r.png").exists() is False and plot_report(summary, {"grpo": rows}, tmp_path / "r.png")
+
+
+def test_the_summary_row_of_an_rl_stage_carries_its_aha_step():
+    from data_contracts.artifacts import ArtifactRef
+    from flows.post_train import stage_row
+    from models.config import load_recipe
+    from tasks.common import StageResult
+
+    nodes = {n.name: n for n in load_recipe("r1-zero").graph()}
+    out = ArtifactRef(kind="model", path="/x", digest="sha256:0", run_id="r", stage="grpo")
+
+    def result(extra):
+        return StageResult(stage="grpo", output=out, mlflow_run_id="r", cache_key="k", metrics={},
+                           resumed_from_step=None, wall_seconds=1.0, extra=extra)
+
+    row = stage_row(nodes["grpo"], result({"aha_step": 23, "metrics_path": "/m"}), False, 1.5)
+    assert row["aha_step"] == 23 and row["stage"] == "grpo" and row["wall_seconds"] == 1.5
+    assert "aha_step" not in stage_row(nodes["grpo"], result({"metrics_path": "/m"}), True, 0.0)

@@ -12,16 +12,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# a recipe's own reasoning marker (any non-empty completion shows it) is logged like the built-in ones
+MARKER_SETS = ["--set", 'grpo.reasoning_markers={"any": "."}']
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,stages", [
-    ("r1-zero", ["fetch", "grpo"]),
-    ("tulu3", ["fetch", "sft", "dpo", "grpo"]),
-    ("rlhf", ["fetch", "sft", "reward_model", "ppo"]),
+@pytest.mark.parametrize("recipe,stages,extra", [
+    ("r1-zero", ["fetch", "grpo"], MARKER_SETS),
+    ("tulu3", ["fetch", "sft", "dpo", "grpo"], []),
+    ("rlhf", ["fetch", "sft", "reward_model", "ppo"], []),
 ])
-def test_recipe_smoke_runs_end_to_end(recipe, stages, tmp_path):
+def test_recipe_smoke_runs_end_to_end(recipe, stages, extra, tmp_path):
     summary = tmp_path / "summary.json"
     p = subprocess.run([sys.executable, "-m", "flows.cli", "run", recipe, "--smoke", "--state-dir", str(tmp_path / "state"),
-                        "--summary-json", str(summary)], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                        "--summary-json", str(summary), *extra], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-5000:]
     s = json.loads(summary.read_text())
@@ -30,6 +34,13 @@ def test_recipe_smoke_runs_end_to_end(recipe, stages, tmp_path):
         if st["stage"] != "reward_model":  # a reward model is not a policy: it is not evaluated
             assert "pass@1" in st["metrics"], st
     assert s["registered_model"] == f"models:/posttrain-{recipe}-smoke/1"
+    if recipe == "r1-zero":
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}").get_run(s["stages"][1]["mlflow_run_id"])
+        assert run.data.metrics["marker/any"] > 0 and "marker/self_check" not in run.data.metrics
+        assert "length_correct" in run.data.metrics and "frac_zero_std" in run.data.metrics
+        assert Path(s["report_png"]).stat().st_size > 0
 
 
 def _run(args: list[str], tmp_path: Path) -> dict:
