@@ -13,11 +13,17 @@ steps evaluates 128 held-out problems greedily, twice:
 `--packing blocks` concatenates documents into 128-token blocks that attend across documents (the
 pretraining default); `--packing documents` restarts positions at every document and masks attention
 to it (what `fetch.pretrain.packing: documents` does through the trainer's padding-free layouts).
+`--draw docs` takes `--batch` documents a step one by one, as the flow does, instead of 32 blocks;
+`--loop engine` trains through the stages' own DeepSpeed loop (`run_loop`, `lm_step_fn`, the
+padding-free layouts) with the flow's `packing: documents` data, to tell the loop from the data.
 
     .venv/bin/python -m benchmarks.probe_r1_zero_base --packing documents --worked 0.15 --check 0.15 \
         --steps 1000 --every 250
+    .venv/bin/python -m benchmarks.probe_r1_zero_base --loop engine --worked 0.25 --check 0.15 \
+        --steps 1000 --every 250
 
-Not part of `make bench`: it measures what the base learns, at about 0.5 s a step on 2 cores.
+Not part of `make bench`: it measures what the base learns, at about 0.5 s a step on 2 cores (0.7 s
+on one thread with `--loop engine`).
 Numbers and what they were used for: docs/measurements.md, "R1-Zero: the pretraining corpus".
 """
 
