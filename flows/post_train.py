@@ -302,7 +302,8 @@ def _run_graph(cfg: RecipeConfig, ctx: RunContext, paths: dict[str, Path],
     rows = [done[n.name][1] for n in cfg.graph()]
     final = done[cfg.final_node().name][0].output
     summary = {"stages": rows, "final_model": {"path": final.path, "digest": final.digest, "mlflow_run_id": final.run_id,
-                                               "stage": cfg.final_node().name}}
+                                               "stage": cfg.final_node().name},
+               "recipe": cfg.name, "smoke": bool((source or {}).get("smoke", False))}  # the report's title
     rl_curves = {n.name: read_metrics(done[n.name][0].extra["metrics_path"]) for n in cfg.graph()
                  if n.spec.rl_curve and done[n.name][0].extra.get("metrics_path")}
     summary["report_png"] = _report(summary, rl_curves, paths, ctx)
