@@ -38,8 +38,8 @@ def test_recipe_smoke_runs_end_to_end(recipe, stages, extra, tmp_path):
         from mlflow.tracking import MlflowClient
 
         run = MlflowClient(f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}").get_run(s["stages"][1]["mlflow_run_id"])
-        assert run.data.metrics["marker/any"] > 0 and "marker/self_check" not in run.data.metrics
-        assert "length_correct" in run.data.metrics and "frac_zero_std" in run.data.metrics
+        assert run.data.metrics["train/marker/any"] > 0 and "train/marker/self_check" not in run.data.metrics
+        assert "train/length_correct" in run.data.metrics and "train/frac_zero_std" in run.data.metrics
         assert Path(s["report_png"]).stat().st_size > 0
 
 
