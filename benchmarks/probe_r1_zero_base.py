@@ -14,8 +14,9 @@ steps evaluates 128 held-out problems greedily, twice:
 pretraining default); `--packing documents` restarts positions at every document and masks attention
 to it (what `fetch.pretrain.packing: documents` does through the trainer's padding-free layouts).
 `--draw docs` takes `--batch` documents a step one by one, as the flow does, instead of 32 blocks;
-`--loop engine` trains through the stages' own DeepSpeed loop (`run_loop`, `lm_step_fn`, the
-padding-free layouts) with the flow's `packing: documents` data, to tell the loop from the data.
+`--loop engine` runs the flow's own pretraining (`models/recipes/pretrain.py:train_pretrain` with
+`packing: documents`: the DeepSpeed loop, `lm_step_fn`, the padding-free layouts), to tell the loop
+from the data.
 
     .venv/bin/python -m benchmarks.probe_r1_zero_base --packing documents --worked 0.15 --check 0.15 \
         --steps 1000 --every 250
@@ -108,8 +109,8 @@ def main() -> None:
                     "`packing: documents` does (document_examples, --seq-len, EpochSampler)")
     ap.add_argument("--batch", type=int, default=96, help="documents a step with --draw docs")
     ap.add_argument("--loop", choices=("plain", "engine"), default="plain",
-                    help="plain: this file's torch loop; engine: the stages' DeepSpeed loop (run_loop, "
-                    "lm_step_fn, padding-free layouts) with --draw docs")
+                    help="plain: this file's torch loop; engine: the flow's own pretraining (train_pretrain, "
+                    "packing: documents)")
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args()
     if args.loop == "engine":
@@ -117,45 +118,40 @@ def main() -> None:
 
     import torch
 
-    from models.data import builtin_task as bt
     from models.modeling.tiny_model import build_tiny_model
-    from models.modeling.tokenizer import build_tokenizer
-    from models.recipes.pretrain import pack_documents
+    from models.recipes.pretrain import document_examples, pack_documents
+    from models.training.batching import EpochSampler
 
     torch.manual_seed(args.seed)
-    _, test = bt.make_problems(0, 1, 256, 3, 6, "plain")
-    docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
-                              check_fraction=args.check, worked_after_question=True)
-    tok = build_tokenizer()
+    test, docs, tok = _data(args)
     if args.draw == "docs":
-        from models.recipes.pretrain import document_examples
-        from models.training.batching import EpochSampler
-
         examples = [ids for ids, _ in document_examples(docs, tok, args.seq_len)]
         sampler = EpochSampler(len(examples), args.seed)
-    blocks = [ids for ids, _ in pack_documents(docs, tok, 128)]
+    else:
+        blocks = [ids for ids, _ in pack_documents(docs, tok, 128)]
     model = build_tiny_model(tok, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, order, t0 = random.Random(args.seed), [], time.time()
     for step in range(1, args.steps + 1):
-        if len(order) < 32:
-            idx = list(range(len(blocks)))
-            rng.shuffle(idx)
-            order += idx
-        batch = [blocks[i] for i in order[:32]]
-        del order[:32]
         if args.draw == "docs":
             batch = [examples[i] for i in sampler.indices((step - 1) * args.batch, args.batch)]
+        else:
+            if len(order) < 32:
+                idx = list(range(len(blocks)))
+                rng.shuffle(idx)
+                order += idx
+            batch = [blocks[i] for i in order[:32]]
+            del order[:32]
         width = max(map(len, batch))
         ids = torch.tensor([b + [tok.pad_token_id] * (width - len(b)) for b in batch])
         labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
         kw = {}
-        if args.packing == "documents" and args.draw == "blocks":
+        if args.draw == "docs":  # one document a row: the padding mask is the document mask
+            kw["attention_mask"] = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
+        elif args.packing == "documents":
             kw["attention_mask"], kw["position_ids"] = _masks(batch, tok.pad_token_id, tok.bos_token_id)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / args.warmup)
-        if args.draw == "docs":
-            kw["attention_mask"] = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
         loss = model(input_ids=ids, labels=labels, **kw).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,39 +163,40 @@ def main() -> None:
 
 
 def _engine(args) -> None:
-    """The flow's pretraining (models/recipes/pretrain.py, packing: documents) with this file's evaluation."""
-    import torch
-
+    """The flow's own pretraining (`train_pretrain`, packing: documents) with this file's evaluation."""
     import tempfile
 
-    from models.config import PretrainConfig
-    from models.data import builtin_task as bt
-    from models.modeling.tiny_model import build_tiny_model
-    from models.modeling.tokenizer import build_tokenizer
-    from models.recipes.pretrain import document_examples
-    from models.training.batching import EpochSampler
-    from models.training.engine import run_loop
-    from models.training.lm_loss import lm_step_fn
+    import torch
 
-    _, test = bt.make_problems(0, 1, 256, 3, 6, "plain")
-    docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
-                              check_fraction=args.check, worked_after_question=True)
-    tok = build_tokenizer()
+    from models.config import PretrainConfig, TaskConfig
+    from models.recipes.pretrain import train_pretrain
+
+    test, _, tok = _data(args, corpus=False)
     cfg = PretrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
                          seq_len=args.seq_len, packing="documents", lr_schedule="constant", warmup_steps=args.warmup,
                          save_every=10**6, seed=args.seed, num_threads=torch.get_num_threads())
-    model = build_tiny_model(tok, seed=args.seed)
-    examples = document_examples(docs, tok, cfg.seq_len)
-    sampler = EpochSampler(len(examples), args.seed)
+    task = TaskConfig(seed=0, n_test=256, min_operands=3, max_operands=6, pretrain_docs=args.docs,
+                      worked_fraction=args.worked, check_fraction=args.check, worked_after_question=True)
     t0 = time.time()
 
     def after(engine, step):
         if (step + 1) % args.every == 0:
-            print(f"step {step + 1} {time.time() - t0:.0f}s | {evaluate(engine.module, tok, test[:128], args.seq_len - 32)}", flush=True)
+            print(f"step {step + 1} {time.time() - t0:.0f}s | {evaluate(engine.module, tok, test[:128], args.seq_len - 32)}",
+                  flush=True)
 
     with tempfile.TemporaryDirectory() as d:
-        run_loop(model, cfg, d, lambda step: [examples[i] for i in sampler.indices(step * cfg.batch_size, cfg.batch_size)],
-                 lm_step_fn(tok.pad_token_id), lambda m, out: None, after_step=after)
+        train_pretrain({"config": cfg.model_dump(), "task": task.model_dump(), "workdir": d}, after_step=after)
+
+
+def _data(args, corpus: bool = True):
+    """The held-out problems (seed 0's), the pretraining corpus the flow builds for them, the tokenizer."""
+    from models.data import builtin_task as bt
+    from models.modeling.tokenizer import build_tokenizer
+
+    _, test = bt.make_problems(0, 1, 256, 3, 6, "plain")
+    docs = bt.pretrain_corpus(0, args.docs, {p.question for p in test}, args.worked, 3, 6,
+                              check_fraction=args.check, worked_after_question=True) if corpus else None
+    return test, docs, build_tokenizer()
 
 
 if __name__ == "__main__":

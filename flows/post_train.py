@@ -142,7 +142,7 @@ def post_train(
         tracker.end_run(parent, "FAILED")
         raise
     runs.record_end(paths["root"], flow_run_id, "COMPLETED")
-    summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent, recipe=cfg.name, smoke=smoke)
+    summary.update(flow_run_id=flow_run_id, mlflow_parent_run_id=parent)  # recipe, smoke: _run_graph
     summary["registered_model"] = _register_final(cfg, ctx, summary, smoke)
     summary["tracking_errors"] = len(tracker.errors)
     summary["tracking_queued"] = tracker.queued  # calls waiting in the state dir for `posttrain sync`

@@ -51,8 +51,9 @@ def corpus(task: TaskConfig) -> list[str]:
     )
 
 
-def train_pretrain(spec: dict, on_log=None) -> dict:
-    """spec: config (PretrainConfig dict), task (TaskConfig dict), workdir."""
+def train_pretrain(spec: dict, on_log=None, after_step=None) -> dict:
+    """spec: config (PretrainConfig dict), task (TaskConfig dict), workdir. after_step(engine, step):
+    called after every optimizer step (benchmarks/probe_r1_zero_base.py evaluates the base there)."""
     import torch
 
     cfg = PretrainConfig.model_validate(spec["config"])
@@ -75,7 +76,8 @@ def train_pretrain(spec: dict, on_log=None) -> dict:
     def save(module, out):
         save_hf(module, tokenizer, out)
 
-    res = run_loop(model, cfg, spec["workdir"], global_batch, lm_step_fn(tokenizer.pad_token_id), save, on_log=on_log)
+    res = run_loop(model, cfg, spec["workdir"], global_batch, lm_step_fn(tokenizer.pad_token_id), save, on_log=on_log,
+                   after_step=after_step)
     return {
         "output_dir": res.output_dir, "final_step": res.final_step,
         "resumed_from_step": res.resumed_from_step, "already_done": res.already_done,
