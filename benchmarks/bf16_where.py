@@ -8,6 +8,8 @@ MODE:
 - `torch-fp32`: fp32 weights, torch AdamW.
 - `torch-bf16`: bf16 weights, AdamW on an fp32 master copy (what mixed precision means).
 - `ds-fp32`, `ds-bf16`: `deepspeed.initialize` with the same AdamW, `bf16.enabled` as named.
+- `ds-bf16-seeded`: `ds-bf16` with the fp32 weights put back as the optimizer's masters
+  (models/training/deepspeed_setup.py:seed_fp32_masters, what posttrain's engine does).
 
 Prints the per-step loss (computed before that step's update) and DeepSpeed's optimizer wrapper.
 """
@@ -75,9 +77,13 @@ def run(mode: str, model_dir: Path, zero_stage: int = 0, clip: float = 1.0) -> t
         os.environ.setdefault(k, v)
     cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "gradient_clipping": clip, "zero_optimization": {"stage": zero_stage},
-           "bf16": {"enabled": mode == "ds-bf16"}}
+           "bf16": {"enabled": mode.startswith("ds-bf16")}}
+    from models.training.deepspeed_setup import hold_fp32_values, seed_fp32_masters
+
+    held = hold_fp32_values(model) if mode == "ds-bf16-seeded" else []
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
                                            config=cfg)
+    seed_fp32_masters(engine, held)
     for b in data:
         loss = loss_of(engine, b)
         engine.backward(loss)
@@ -88,7 +94,7 @@ def run(mode: str, model_dir: Path, zero_stage: int = 0, clip: float = 1.0) -> t
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["torch-fp32", "torch-bf16", "ds-fp32", "ds-bf16"])
+    ap.add_argument("mode", choices=["torch-fp32", "torch-bf16", "ds-fp32", "ds-bf16", "ds-bf16-seeded"])
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--model-dir", type=Path, default=Path(".posttrain/bf16-where/smollm2"))

@@ -204,12 +204,12 @@ def test_long_chat_prompts_through_the_padding_free_layouts(smollm2):
 
 @pytest.fixture(scope="module")
 def bf16_vs_fp32(smollm2_dir, tmp_path_factory):
-    """3 SFT steps of SmolLM2 on the engine loop in fp32 and in bf16, identical batches (~3-6 min)."""
+    """5 SFT steps of SmolLM2 on the engine loop in fp32 and in bf16, identical batches (~1-6 min)."""
     from benchmarks.bf16_check import compare
 
     workdir = tmp_path_factory.mktemp("bf16")
     try:
-        return compare(smollm2_dir, steps=3, batch=4, workdir=workdir)
+        return compare(smollm2_dir, steps=5, batch=4, workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # two SmolLM2 checkpoints: GBs
 
@@ -223,8 +223,9 @@ def test_bf16_forward_matches_fp32_on_smollm2(bf16_vs_fp32):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bf16 updates lag fp32 on the DeepSpeed loop (ZeRO-0 and ZeRO-1): "
-                                      "step 3 |Δloss| 0.65 measured (docs/real-models.md)")
 def test_bf16_training_tracks_fp32_on_smollm2(bf16_vs_fp32):
-    # a tolerance bf16 should meet after 3 steps at lr 1e-5: 2% of the loss
-    assert bf16_vs_fp32["max_rel_diff"] < 0.02
+    # Steps 2-5 see the updates. One step's bf16 loss is noisy at lr 1e-5 (an update ~1/10 of a bf16
+    # step flips ~1 weight in 10 by a whole step; measured per-step |Δ| up to 10%, both signs, as in
+    # plain-PyTorch mixed precision), so the bound is on their mean. Measured: -1.7% with the fp32
+    # masters (seed_fp32_masters); +28% with DeepSpeed's masters cast from bf16, whose loss lagged.
+    assert abs(bf16_vs_fp32["mean_rel_diff_after_step1"]) < 0.07

@@ -146,10 +146,13 @@ def test_torch_compile_and_the_adamw_kernels_train_the_same_weights(tiny_base, s
         assert other["last_metrics"]["loss"] == pytest.approx(fused["last_metrics"]["loss"], rel=1e-4)
 
 
-def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft_file, tmp_path):
+@pytest.mark.parametrize("mixed", [{}, {"precision": "bf16"}, {"precision": "bf16", "zero_stage": 2}],
+                         ids=["fp32", "bf16-zero0", "bf16-zero2"])
+def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft_file, tmp_path, mixed):
+    # bf16: the resumed run seeds its masters from the base's fp32 weights, then the checkpoint's win
     from models.training.engine import read_metrics
 
-    straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2)
+    straight = _run_sft(tiny_base, sft_file, tmp_path / "straight", max_steps=4, save_every=2, **mixed)
 
     import models.recipes.sft as sft_mod
 
@@ -164,10 +167,10 @@ def test_crashed_run_resumes_from_checkpoint_to_identical_weights(tiny_base, sft
     sft_mod.run_loop = crash_at_step_3
     try:
         with pytest.raises(KeyboardInterrupt):
-            _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2)
+            _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2, **mixed)
     finally:
         sft_mod.run_loop = real_run_loop
-    resumed = _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2)
+    resumed = _run_sft(tiny_base, sft_file, tmp_path / "crashy", max_steps=4, save_every=2, **mixed)
     assert resumed["resumed_from_step"] == 2
     ws, wr = _weights(straight["output_dir"]), _weights(resumed["output_dir"])
     for k in ws:

@@ -95,3 +95,56 @@ def trainable_state_dict(engine, destination=None, prefix="", keep_vars=False, e
         if not p.requires_grad:
             sd.pop(prefix + n, None)
     return sd
+
+
+def hold_fp32_values(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """The fp32 values of the trainable parameters, taken before `deepspeed.initialize` casts the
+    model to bf16 (for `seed_fp32_masters`). A tensor on the CPU is held, not copied (DeepSpeed gives
+    the parameter a new bf16 tensor and the fp32 one lives on here); one on an accelerator is copied to
+    host memory so that the device does not hold both precisions at once."""
+    held = []
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float32:
+            v = p.detach()
+            held.append((p, v if v.device.type == "cpu" else v.to("cpu")))
+    return held
+
+
+def seed_fp32_masters(engine, held: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> int:
+    """Make the optimizer's fp32 master weights the model's own fp32 values. Returns how many
+    parameters were set.
+
+    With `bf16.enabled` DeepSpeed (0.19.8) casts the parameters to bf16 first and then builds the fp32
+    masters from those bf16 copies, on every ZeRO stage. Two things follow: the checkpoint's low bits
+    are gone for good, and every master starts exactly on a bf16 value, so an update smaller than
+    half a bf16 step (lr 1e-5 on a weight of 0.05 is ~1/10 of one) leaves the bf16 weight unchanged
+    until ~10 such updates have piled up: the first steps of a fine-tune barely move the model
+    (docs/real-models.md, 'bf16'). Mixed precision as PyTorch defines it keeps the fp32 weights as
+    the masters; this puts them there. ZeRO-0's wrapper (`FP16_UnfusedOptimizer`) also runs one
+    AdamW step on zero gradients while it is built, which counts as Adam's step 1 (the first real
+    update is then 0.74 of Adam's) and applies weight decay once: that state is dropped too, so the
+    first real step is AdamW's step 1. Call before loading a checkpoint, which restores its own
+    masters and state.
+    """
+    if not held:
+        return 0
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    opt = engine.optimizer
+    values = {id(p): v for p, v in held}
+    n = 0
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        for low_group, high_group in zip(opt.fp16_groups, opt.fp32_groups):
+            for low, high in zip(low_group, high_group):
+                v = values.get(id(low))
+                if v is not None:
+                    high.data.copy_(v)
+                    n += 1
+        opt.optimizer.state.clear()
+        return n
+    for p, v in held:
+        if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+            safe_set_full_fp32_param(p, v)
+            n += 1
+    return n

@@ -33,7 +33,14 @@ import torch
 from models.recipes.train_config import TrainConfig
 from models.training.checkpoints import (checkpoint_tag, commit_checkpoint, consolidate, latest_checkpoint_step,
                                          prune_checkpoints)
-from models.training.deepspeed_setup import deepspeed_config, trainable_param_groups, trainable_state_dict, trim_engine
+from models.training.deepspeed_setup import (
+    deepspeed_config,
+    hold_fp32_values,
+    seed_fp32_masters,
+    trainable_param_groups,
+    trainable_state_dict,
+    trim_engine,
+)
 from models.training.distributed import barrier, ensure_distributed_env, rank_world
 from models.training.faults import fault_point
 
@@ -142,9 +149,13 @@ def run_loop(
         fused=cfg.optim == "adamw_torch_fused",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    low_precision = ds_config.get("bf16", {}).get("enabled", False)
+    held = hold_fp32_values(model) if low_precision else []
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    seed_fp32_masters(engine, held)  # bf16: the masters are the fp32 weights, not their bf16 casts
+    del held
     trim_engine(engine, world)
     if frozen:
         engine.module_state_dict = functools.partial(trainable_state_dict, engine)
